@@ -1,0 +1,85 @@
+"""`npos store`: inspect, verify and import feature stores."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from npos.commands._common import EXIT_CHECK_FAILED
+
+
+@click.group("store")
+def command() -> None:
+    """Inspect, verify and import feature stores (Zarr)."""
+
+
+@command.command("info")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(store: str, as_json: bool) -> None:
+    """Summarize STORE: rows, dim, dtype, kind, model, classes, chunks done."""
+    from npos.store import FeatureStore
+
+    summary = FeatureStore.open(store).info()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in summary.items():
+        if key == "arrays":
+            value = ", ".join(value)
+        click.echo(f"{key:>13}: {value}")
+
+
+@command.command("verify")
+@click.argument("store")
+@click.option("--no-values", is_flag=True,
+              help="Skip the NaN/Inf scan of the embeddings (structure and chunks only).")
+def verify(store: str, no_values: bool) -> None:
+    """Check STORE. Exit 0 when every chunk is done and every value finite, else 1.
+
+    Prints one line per problem: missing chunks, NaN/Inf rows, bad schema or shapes.
+    """
+    from npos.store import FeatureStore
+
+    fs = FeatureStore.open(store)
+    problems = fs.verify(check_values=not no_values, progress=sys.stderr.isatty())
+    if problems:
+        for line in problems:
+            click.echo(f"problem: {line}")
+        click.echo(f"{store}: {len(problems)} problem(s) found", err=True)
+        sys.exit(EXIT_CHECK_FAILED)
+    click.echo(f"{store}: ok ({fs.n_rows} rows, {fs.n_chunks}/{fs.n_chunks} chunks done)")
+
+
+@command.command("import")
+@click.option("--embeddings", required=True, type=click.Path(),
+              help="Embeddings: .npy or .npz (N, D), or a folder of .npy shards "
+                   "(e.g. clip-retrieval's img_emb/).")
+@click.option("--labels", type=click.Path(), help=".npy of N integer labels (-1 = unlabeled).")
+@click.option("--ids", type=click.Path(), help="Text file, one id per row (default: row number).")
+@click.option("--class-names", type=click.Path(), help="Text file, one class name per line.")
+@click.option("--text-embeddings", type=click.Path(),
+              help=".npy of shape (classes, D): zero-shot class embeddings.")
+@click.option("--model", default="imported", show_default=True,
+              help="Name of the encoder that made the embeddings; stores are only compared "
+                   "with stores (and heads) of the same model.")
+@click.option("--out", required=True, help="Output store (directory or fsspec URL).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
+              show_default=True, help="Storage dtype of the embeddings.")
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Rows per chunk.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+def import_(embeddings, labels, ids, class_names, text_embeddings, model, out, dtype,
+            chunk_rows, overwrite) -> None:
+    """Import embeddings computed elsewhere into a new store."""
+    from npos.store import import_embeddings
+
+    store = import_embeddings(
+        embeddings, out, labels=labels, ids=ids, class_names=class_names,
+        text_embeddings=text_embeddings, model=model, dtype=dtype, chunk_rows=chunk_rows,
+        overwrite=overwrite, progress=sys.stderr.isatty())
+    info = store.info()
+    click.echo(f"wrote {out}: {info['rows']} rows x {info['dim']} ({info['dtype']}), "
+               f"{info['classes'] or 0} classes, {info['chunks_total']} chunks")

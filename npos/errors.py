@@ -1,0 +1,34 @@
+"""The npos exception hierarchy.
+
+Every error a user can cause derives from :class:`NposError` (a ``ValueError``), so the CLI
+turns it into one line on stderr and exit code 2. Not-found errors are also
+``FileNotFoundError`` so ``except FileNotFoundError`` keeps working for API users.
+"""
+
+
+class NposError(ValueError):
+    """Base class of all npos errors caused by input, configuration or stored data."""
+
+
+class ParameterError(NposError):
+    """A parameter is outside its valid range or of the wrong kind."""
+
+
+class StoreError(NposError):
+    """A store is malformed, incomplete, or does not match what the caller expects."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No store exists at the given location."""
+
+
+class StoreExistsError(StoreError, FileExistsError):
+    """A store already exists where a new one would be written (pass ``overwrite``)."""
+
+
+class IncompatibleStoreError(StoreError):
+    """Stores (or a store and a checkpoint) come from different encoders or settings."""
+
+
+class MissingDependencyError(NposError, ImportError):
+    """An optional dependency is needed for the requested feature."""

@@ -1,0 +1,521 @@
+"""`FeatureStore`: one dataset split encoded by one encoder, as a chunked Zarr v3 group.
+
+Layout (see the README's "Store format"):
+
+========================  ===========  =========  ==========================================
+array                     shape        dtype      notes
+========================  ===========  =========  ==========================================
+``embeddings``            (N, D)       f16 / f32  chunked by ``chunk_rows`` rows; NaN fill
+``labels``                (N,)         int32      -1 where unlabeled
+``ids``                   (N,)         string     relative path or caller-given id
+``done``                  (n_chunks,)  bool       chunk completion mask (one zarr chunk each)
+``valid``                 (N,)         bool       optional: False for rows whose input failed
+``text_embeddings``       (C, D)       float32    optional: zero-shot class embeddings
+``tokens`` and others     (N, ...)     any        optional row-aligned arrays
+========================  ===========  =========  ==========================================
+
+Write protocol: a chunk's rows are written to every row-aligned array, *then* its ``done``
+flag. Readers trust only done chunks, so a killed writer never leaves trusted garbage, and
+writers on different processes touch disjoint chunks (``done`` has one zarr chunk per store
+chunk, so flags never share a file).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import zarr
+
+from npos import __version__
+from npos.errors import (IncompatibleStoreError, ParameterError, StoreError, StoreExistsError,
+                         StoreNotFoundError)
+
+SCHEMA = "npos.features/1"
+KINDS = ("features", "outliers", "scores")
+EMBEDDING_DTYPES = ("float16", "float32")
+#: Attributes that identify the encoder and preprocessing behind a store. Two stores (or a
+#: store and a checkpoint) are comparable only when these agree.
+IDENTITY_KEYS = ("model", "pretrained", "preprocess", "dim")
+#: Row-aligned arrays every store has.
+CORE_ARRAYS = ("embeddings", "labels", "ids", "done")
+DEFAULT_CHUNK_ROWS = 4096
+
+
+def _open_group(url: str, mode: str) -> zarr.Group:
+    try:
+        return zarr.open_group(str(url), mode=mode)
+    except FileNotFoundError:  # zarr's GroupNotFoundError derives from it too
+        raise StoreNotFoundError(f"no feature store at {str(url)!r}") from None
+
+
+def store_exists(url: str) -> bool:
+    """True when a Zarr group (of any kind) exists at ``url``."""
+    try:
+        _open_group(url, "r")
+    except StoreNotFoundError:
+        return False
+    return True
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _describe_mismatch(key: str, stored: Any, wanted: Any) -> str:
+    return f"it was made with {key}={stored!r} but this run uses {key}={wanted!r}"
+
+
+class FeatureStore:
+    """A Zarr v3 feature store. Create with :meth:`create`, open with :meth:`open`.
+
+    Parameters are never passed to the constructor directly; it wraps an open group.
+
+    Attributes
+    ----------
+    url : str
+        Where the store lives (local path or fsspec URL such as ``memory://x``, ``s3://b/k``).
+    """
+
+    def __init__(self, group: zarr.Group, url: str, *, writable: bool) -> None:
+        self._group = group
+        self.url = str(url)
+        self.writable = writable
+        attrs = dict(group.attrs)
+        if attrs.get("schema") != SCHEMA:
+            raise StoreError(
+                f"{self.url!r} is not an npos store (schema={attrs.get('schema')!r}, "
+                f"expected {SCHEMA!r})")
+        self._done_cache: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ creation / opening
+    @classmethod
+    def create(
+        cls,
+        url: str,
+        *,
+        n_rows: int,
+        dim: int,
+        dtype: str = "float16",
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        kind: str = "features",
+        class_names: Sequence[str] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+        resume: bool = False,
+    ) -> FeatureStore:
+        """Create a store with the core arrays, or reopen a compatible one to resume.
+
+        Parameters
+        ----------
+        url : str
+            Local directory or fsspec URL.
+        n_rows, dim : int
+            Number of rows N and embedding dimension D.
+        dtype : {"float16", "float32"}
+            Storage dtype of ``embeddings``.
+        chunk_rows : int
+            Rows per chunk: the unit of writing, resuming and sharding across processes.
+        kind : {"features", "outliers", "scores"}
+        class_names : sequence of str, optional
+            Names of the label ids 0..C-1.
+        attrs : mapping, optional
+            Further group attributes: ``model``, ``pretrained``, ``preprocess``,
+            ``token_layer``, ``source``, and for derived stores their parameters and seed.
+        overwrite : bool
+            Replace an existing store. Without it (and without ``resume``) an existing
+            store is an error.
+        resume : bool
+            If a store exists and was made with the same shape, dtype, chunking, identity
+            attributes and ``source``, open it for writing so the caller can fill only its
+            missing chunks. A store made differently is refused.
+        """
+        n_rows, dim, chunk_rows = int(n_rows), int(dim), int(chunk_rows)
+        if n_rows < 1:
+            raise ParameterError(f"a store needs at least one row; got n_rows={n_rows}")
+        if dim < 1:
+            raise ParameterError(f"dim must be >= 1; got {dim}")
+        if chunk_rows < 1:
+            raise ParameterError(f"chunk_rows must be >= 1; got {chunk_rows}")
+        if dtype not in EMBEDDING_DTYPES:
+            raise ParameterError(f"dtype must be one of {EMBEDDING_DTYPES}; got {dtype!r}")
+        if kind not in KINDS:
+            raise ParameterError(f"kind must be one of {KINDS}; got {kind!r}")
+        attrs = _jsonable(dict(attrs or {}))
+        class_names = list(class_names) if class_names is not None else None
+
+        if store_exists(url) and not overwrite:
+            if not resume:
+                raise StoreExistsError(
+                    f"{str(url)!r} already exists; pass --overwrite (overwrite=True) to replace it")
+            store = cls.open(url, mode="r+")
+            wanted = {"n_rows": n_rows, "dim": dim, "dtype": dtype, "chunk_rows": chunk_rows,
+                      "kind": kind, "class_names": class_names,
+                      **{k: attrs.get(k) for k in (*IDENTITY_KEYS, "token_layer", "source")
+                         if k in attrs}}
+            for key, value in wanted.items():
+                if store.attrs.get(key) != value:
+                    raise IncompatibleStoreError(
+                        f"cannot resume into {store.url!r}: "
+                        f"{_describe_mismatch(key, store.attrs.get(key), value)}; "
+                        "pass --overwrite to start over")
+            return store
+
+        group = zarr.open_group(str(url), mode="w")
+        n_chunks = math.ceil(n_rows / chunk_rows)
+        group.create_array("embeddings", shape=(n_rows, dim), chunks=(chunk_rows, dim),
+                           dtype=dtype, fill_value=float("nan"))
+        group.create_array("labels", shape=(n_rows,), chunks=(chunk_rows,), dtype="int32",
+                           fill_value=-1)
+        group.create_array("ids", shape=(n_rows,), chunks=(chunk_rows,), dtype=str)
+        group.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="bool",
+                           fill_value=False)
+        group.attrs.update({
+            **attrs,
+            "schema": SCHEMA,
+            "kind": kind,
+            "n_rows": n_rows,
+            "dim": dim,
+            "dtype": dtype,
+            "chunk_rows": chunk_rows,
+            "class_names": class_names,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "npos_version": __version__,
+        })
+        return cls(group, url, writable=True)
+
+    @classmethod
+    def open(cls, url: str, mode: str = "r") -> FeatureStore:
+        """Open an existing store, read-only (``"r"``) or for writing (``"r+"``)."""
+        if mode not in ("r", "r+"):
+            raise ParameterError(f"mode must be 'r' or 'r+'; got {mode!r}")
+        return cls(_open_group(url, mode), url, writable=mode == "r+")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The group attributes, as a plain dict (a copy)."""
+        return dict(self._group.attrs)
+
+    def update_attrs(self, **values: Any) -> None:
+        """Set group attributes (e.g. the ``failed`` list after extraction)."""
+        self._require_writable()
+        self._group.attrs.update(_jsonable(values))
+
+    @property
+    def n_rows(self) -> int:
+        return int(self._group.attrs["n_rows"])
+
+    @property
+    def dim(self) -> int:
+        return int(self._group.attrs["dim"])
+
+    @property
+    def dtype(self) -> str:
+        return str(self._group.attrs["dtype"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self._group.attrs["chunk_rows"])
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.n_rows / self.chunk_rows)
+
+    @property
+    def kind(self) -> str:
+        return str(self._group.attrs["kind"])
+
+    @property
+    def class_names(self) -> list[str] | None:
+        names = self._group.attrs.get("class_names")
+        return list(names) if names is not None else None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The identity attributes (encoder, weights, preprocessing, dim) of this store."""
+        attrs = self.attrs
+        return {key: attrs.get(key) for key in IDENTITY_KEYS}
+
+    def check_compatible(self, fingerprint: Mapping[str, Any], *, what: str) -> None:
+        """Raise :class:`IncompatibleStoreError` unless ``fingerprint`` matches this store's.
+
+        ``what`` names the other side in the message, e.g. ``"head 'runs/head'"``.
+        """
+        mine = self.fingerprint()
+        for key in IDENTITY_KEYS:
+            if mine.get(key) != fingerprint.get(key):
+                raise IncompatibleStoreError(
+                    f"{what} does not match store {self.url!r}: {key} is "
+                    f"{fingerprint.get(key)!r} there but {mine.get(key)!r} in the store")
+
+    def has(self, name: str) -> bool:
+        """True when the store holds an array called ``name``."""
+        return name in set(self._group.array_keys())
+
+    def array(self, name: str) -> zarr.Array:
+        """The underlying zarr array (for advanced, read-only use)."""
+        if not self.has(name):
+            raise StoreError(f"store {self.url!r} has no array {name!r}")
+        return self._group[name]
+
+    # ------------------------------------------------------------------ chunks
+    def chunk_slice(self, index: int) -> slice:
+        """Rows covered by chunk ``index``."""
+        if not 0 <= index < self.n_chunks:
+            raise ParameterError(f"chunk index {index} out of range [0, {self.n_chunks})")
+        start = index * self.chunk_rows
+        return slice(start, min(start + self.chunk_rows, self.n_rows))
+
+    def done_mask(self) -> np.ndarray:
+        """Boolean mask of completed chunks, shape (n_chunks,)."""
+        return np.asarray(self._group["done"][:], dtype=bool)
+
+    def missing_chunks(self) -> list[int]:
+        """Indices of chunks not yet marked done."""
+        return [int(i) for i in np.flatnonzero(~self.done_mask())]
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.done_mask().all())
+
+    # ------------------------------------------------------------------ writing
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise StoreError(f"store {self.url!r} is open read-only")
+
+    def add_array(self, name: str, row_shape: Sequence[int], dtype: str, *,
+                  fill_value: Any = None, chunk_rows: int | None = None) -> zarr.Array:
+        """Create an optional row-aligned array of shape (N, *row_shape); reuse if present.
+
+        ``chunk_rows`` must divide the store's ``chunk_rows`` so chunk writes stay aligned
+        (useful for large rows such as tokens); by default it equals it.
+        """
+        self._require_writable()
+        chunk_rows = self.chunk_rows if chunk_rows is None else int(chunk_rows)
+        if chunk_rows < 1 or self.chunk_rows % chunk_rows:
+            raise ParameterError(
+                f"chunk_rows={chunk_rows} of array {name!r} must divide the store's "
+                f"chunk_rows={self.chunk_rows}")
+        shape = (self.n_rows, *map(int, row_shape))
+        if self.has(name):
+            existing = self._group[name]
+            if tuple(existing.shape) != shape or str(existing.dtype) != str(np.dtype(dtype)):
+                raise IncompatibleStoreError(
+                    f"store {self.url!r} already has {name!r} with shape "
+                    f"{tuple(existing.shape)} and dtype {existing.dtype}; wanted {shape} {dtype}")
+            return existing
+        if fill_value is None and np.dtype(dtype).kind == "f":
+            fill_value = float("nan")
+        return self._group.create_array(name, shape=shape, chunks=(chunk_rows, *shape[1:]),
+                                        dtype=dtype, fill_value=fill_value)
+
+    def set_array(self, name: str, data: np.ndarray) -> None:
+        """Write a whole non-row array such as ``text_embeddings`` (C, D) in one go."""
+        self._require_writable()
+        data = np.asarray(data)
+        if self.has(name):
+            del self._group[name]
+        arr = self._group.create_array(name, shape=data.shape, dtype=data.dtype,
+                                       chunks=data.shape or None)
+        arr[...] = data
+
+    def write_chunk(self, index: int, **arrays: np.ndarray) -> None:
+        """Write the rows of chunk ``index`` to the given row-aligned arrays, then mark it done.
+
+        Every array passed must have exactly the chunk's number of rows; ``embeddings`` is
+        required. Arrays not passed keep their fill values (labels -1, ids "").
+        """
+        self._require_writable()
+        rows = self.chunk_slice(index)
+        n = rows.stop - rows.start
+        if "embeddings" not in arrays:
+            raise ParameterError("write_chunk needs 'embeddings'")
+        for name, data in arrays.items():
+            if not self.has(name):
+                raise StoreError(f"store {self.url!r} has no array {name!r}; add it first")
+            data = np.asarray(data)
+            if data.shape[:1] != (n,):
+                raise ParameterError(
+                    f"chunk {index} covers {n} rows but {name!r} has shape {data.shape}")
+            self._group[name][rows] = data
+        self._group["done"][index] = True
+        self._done_cache = None
+
+    def write_all(self, *, progress: bool = False, **arrays: np.ndarray) -> None:
+        """Write whole arrays (N rows each) chunk by chunk; convenient for derived stores."""
+        from tqdm.auto import tqdm
+
+        for index in tqdm(range(self.n_chunks), desc="writing", unit="chunk",
+                          disable=not progress):
+            rows = self.chunk_slice(index)
+            self.write_chunk(index, **{k: np.asarray(v)[rows] for k, v in arrays.items()})
+
+    # ------------------------------------------------------------------ reading
+    def readable_rows(self, *, complete: bool = True) -> np.ndarray:
+        """Mask (N,) of rows a reader may use: rows of done chunks that are not invalid.
+
+        With ``complete=True`` (the default for every stage) an unfinished store is an error
+        rather than a silently smaller dataset.
+        """
+        done = self.done_mask()
+        if complete and not done.all():
+            raise StoreError(
+                f"store {self.url!r} is incomplete: {int(done.sum())}/{done.size} chunks done "
+                "(finish the run that writes it, or check it with 'npos store verify')")
+        mask = np.repeat(done, self.chunk_rows)[: self.n_rows]
+        if self.has("valid"):
+            mask &= np.asarray(self._group["valid"][:], dtype=bool)
+        return mask
+
+    def read(self, name: str = "embeddings", *, complete: bool = True, dtype: str | None = None,
+             as_torch: bool = False):
+        """Read the readable rows of a row-aligned array (see :meth:`readable_rows`).
+
+        Returns a numpy array (or a torch tensor with ``as_torch=True``), cast to ``dtype``
+        when given.
+        """
+        mask = self.readable_rows(complete=complete)
+        data = np.asarray(self.array(name)[:])[mask]
+        return self._convert(data, dtype, as_torch)
+
+    def read_extra(self, name: str, *, dtype: str | None = None, as_torch: bool = False):
+        """Read a whole non-row array such as ``text_embeddings``."""
+        return self._convert(np.asarray(self.array(name)[...]), dtype, as_torch)
+
+    @staticmethod
+    def _convert(data: np.ndarray, dtype: str | None, as_torch: bool):
+        if dtype is not None:
+            data = data.astype(dtype, copy=False)
+        if as_torch:
+            import torch
+
+            if data.dtype.kind in "OUT":
+                raise ParameterError("string arrays cannot be returned as torch tensors")
+            return torch.from_numpy(np.ascontiguousarray(data))
+        return data
+
+    def iter_batches(self, batch_rows: int, names: Sequence[str] = ("embeddings",), *,
+                     complete: bool = True, dtype: str | None = None,
+                     as_torch: bool = False) -> Iterator[dict[str, Any]]:
+        """Yield dicts of readable rows, ``batch_rows`` stored rows at a time.
+
+        Each dict maps every requested name to its rows, plus ``"row"``: the rows' positions
+        in the store. Every readable row appears in exactly one batch, in order. ``dtype``
+        applies to floating arrays only.
+        """
+        if batch_rows < 1:
+            raise ParameterError(f"batch_rows must be >= 1; got {batch_rows}")
+        mask = self.readable_rows(complete=complete)
+        arrays = {name: self.array(name) for name in names}
+        for start in range(0, self.n_rows, batch_rows):
+            stop = min(start + batch_rows, self.n_rows)
+            keep = mask[start:stop]
+            if not keep.any():
+                continue
+            batch: dict[str, Any] = {"row": np.arange(start, stop)[keep]}
+            for name, arr in arrays.items():
+                data = np.asarray(arr[start:stop])[keep]
+                cast = dtype if data.dtype.kind == "f" else None
+                batch[name] = self._convert(data, cast, as_torch and data.dtype.kind not in "OUT")
+            if as_torch:
+                import torch
+
+                batch["row"] = torch.from_numpy(batch["row"])
+            yield batch
+
+    # ------------------------------------------------------------------ inspection
+    def info(self) -> dict[str, Any]:
+        """A summary: rows, dim, dtype, kind, model, classes, chunks done."""
+        attrs = self.attrs
+        done = self.done_mask()
+        names = self.class_names
+        return {
+            "url": self.url,
+            "kind": self.kind,
+            "rows": self.n_rows,
+            "dim": self.dim,
+            "dtype": self.dtype,
+            "model": attrs.get("model"),
+            "pretrained": attrs.get("pretrained"),
+            "classes": len(names) if names is not None else None,
+            "chunks_done": int(done.sum()),
+            "chunks_total": int(done.size),
+            "arrays": sorted(self._group.array_keys()),
+            "failed": len(attrs.get("failed") or []),
+            "created": attrs.get("created"),
+        }
+
+    def verify(self, *, check_values: bool = True, batch_rows: int = 65536,
+               progress: bool = False) -> list[str]:
+        """Check the store; return one human-readable line per problem (empty = healthy).
+
+        Looks for: schema/array/shape inconsistencies, chunks not marked done, and (with
+        ``check_values``) NaN/Inf values in ``embeddings`` of valid rows. A deleted chunk
+        file reads back as NaN (the fill value), so it is reported too.
+        """
+        from tqdm.auto import tqdm
+
+        problems: list[str] = []
+        keys = set(self._group.array_keys())
+        for name in CORE_ARRAYS:
+            if name not in keys:
+                problems.append(f"missing array {name!r}")
+        if problems:
+            return problems
+        emb = self._group["embeddings"]
+        if tuple(emb.shape) != (self.n_rows, self.dim):
+            problems.append(f"embeddings has shape {tuple(emb.shape)}, attributes say "
+                            f"({self.n_rows}, {self.dim})")
+        for name in keys - {"done", "text_embeddings"}:
+            arr = self._group[name]
+            if arr.shape[:1] != (self.n_rows,) and name not in ("failed",):
+                problems.append(f"array {name!r} has {arr.shape[0]} rows, expected {self.n_rows}")
+        if self._group["done"].shape != (self.n_chunks,):
+            problems.append(f"done has shape {self._group['done'].shape}, expected "
+                            f"({self.n_chunks},)")
+            return problems
+        if "text_embeddings" in keys:
+            text_shape = tuple(self._group["text_embeddings"].shape)
+            n_classes = len(self.class_names or [])
+            if text_shape != (n_classes, self.dim):
+                problems.append(f"text_embeddings has shape {text_shape}, expected "
+                                f"({n_classes}, {self.dim})")
+        missing = self.missing_chunks()
+        if missing:
+            shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+            problems.append(f"{len(missing)}/{self.n_chunks} chunks not done: {shown}")
+        if check_values and not problems:
+            valid = (np.asarray(self._group["valid"][:], dtype=bool) if "valid" in keys
+                     else np.ones(self.n_rows, dtype=bool))
+            labels_bad = 0
+            n_classes = len(self.class_names) if self.class_names is not None else None
+            for start in tqdm(range(0, self.n_rows, batch_rows), desc="verifying",
+                              unit="batch", disable=not progress):
+                stop = min(start + batch_rows, self.n_rows)
+                block = np.asarray(emb[start:stop])
+                bad = ~np.isfinite(block).all(axis=1) & valid[start:stop]
+                if bad.any():
+                    rows = np.flatnonzero(bad) + start
+                    chunks = sorted({int(r) // self.chunk_rows for r in rows})
+                    problems.append(
+                        f"{rows.size} rows with NaN/Inf embeddings in rows {start}..{stop - 1} "
+                        f"(first row {rows[0]}, chunks {', '.join(map(str, chunks[:10]))})")
+                if n_classes is not None:
+                    lab = np.asarray(self._group["labels"][start:stop])
+                    labels_bad += int(((lab < -1) | (lab >= n_classes)).sum())
+            if labels_bad:
+                problems.append(f"{labels_bad} labels outside [-1, {n_classes})")
+        return problems
+
+    def __repr__(self) -> str:
+        return (f"FeatureStore({self.url!r}, kind={self.kind!r}, rows={self.n_rows}, "
+                f"dim={self.dim}, dtype={self.dtype!r})")

@@ -1,0 +1,42 @@
+"""Shared fixtures: small feature stores built from generated data (never faked embeddings
+from an encoder: these are plain arrays, as a user would import them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from npos.store import FeatureStore
+
+
+def write_store(url, embeddings, labels=None, *, class_names=None, chunk_rows=64,
+                dtype="float32", model="test-model", text_embeddings=None, kind="features",
+                attrs=None, ids=None):
+    """Create a complete store from arrays (test helper, also used by later stages' tests)."""
+    embeddings = np.asarray(embeddings)
+    n, d = embeddings.shape
+    if labels is not None and class_names is None:
+        class_names = [f"class{i}" for i in range(int(np.max(labels)) + 1)]
+    store = FeatureStore.create(
+        str(url), n_rows=n, dim=d, dtype=dtype, chunk_rows=chunk_rows, kind=kind,
+        class_names=class_names,
+        attrs={"model": model, "pretrained": None, "preprocess": None, **(attrs or {})})
+    arrays = {"embeddings": embeddings.astype(dtype),
+              "ids": np.asarray(ids if ids is not None else [f"row{i}" for i in range(n)])}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels, dtype=np.int32)
+    store.write_all(**arrays)
+    if text_embeddings is not None:
+        store.set_array("text_embeddings", np.asarray(text_embeddings, dtype=np.float32))
+    return store
+
+
+@pytest.fixture
+def make_store():
+    """Factory fixture: ``make_store(url, embeddings, labels=None, **kw) -> FeatureStore``."""
+    return write_store
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
