@@ -10,7 +10,9 @@ backends and per-class ring buffers for online use.
 
 from npos.synthesize.config import BACKENDS, DEFAULT_SIGMA, METHODS, NOISE_SPACES, SynthesisConfig
 from npos.synthesize.engine import SynthesisResult, SynthesisStats, synthesize
+from npos.synthesize.knn import KnnIndex, knn_kth_distance
 from npos.synthesize.queues import ClassQueues
 
-__all__ = ["BACKENDS", "DEFAULT_SIGMA", "METHODS", "NOISE_SPACES", "ClassQueues",
-           "SynthesisConfig", "SynthesisResult", "SynthesisStats", "synthesize"]
+__all__ = ["BACKENDS", "DEFAULT_SIGMA", "METHODS", "NOISE_SPACES", "ClassQueues", "KnnIndex",
+           "SynthesisConfig", "SynthesisResult", "SynthesisStats", "knn_kth_distance",
+           "synthesize"]

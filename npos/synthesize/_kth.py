@@ -1,5 +1,6 @@
-"""The k-th largest value along the last dimension, the selection primitive of every kNN
-distance in npos.
+"""Selection and distance primitives shared by the synthesis engine and the kNN backends.
+
+:func:`kth_largest_` is the selection primitive of every kNN distance in npos.
 
 Measured on the paper's shapes (rows of 1000 similarities, K=400; 2-core CPU, see
 ``benchmarks/results/synthesis.md``): ``torch.topk``/``torch.kthvalue`` on CPU cost as much as
@@ -17,6 +18,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+#: Default bound (bytes) on the working memory of similarity blocks and synthesis chunks.
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
 # Below this many elements one thread is faster than handing work to a pool.
 _PARALLEL_MIN_ELEMENTS = 1 << 16
 
@@ -57,3 +60,8 @@ def kth_largest_(x: torch.Tensor, k: int) -> torch.Tensor:
         parts = np.array_split(rows, workers)  # views: each thread partitions its rows in place
         list(_pool(workers).map(lambda part: part.partition(position, axis=-1), parts))
     return torch.from_numpy(rows[:, position].copy()).view(x.shape[:-1])
+
+
+def similarity_to_distance(sim: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance between unit vectors from their cosine: ``sqrt(2 - 2 cos)``."""
+    return (2.0 - 2.0 * sim).clamp_min(0.0).sqrt_()

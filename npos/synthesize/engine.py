@@ -41,14 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from npos.errors import ParameterError
-from npos.synthesize._kth import kth_largest_
+from npos.synthesize._kth import DEFAULT_MEMORY_BUDGET, kth_largest_, similarity_to_distance
 from npos.synthesize.config import SynthesisConfig
+from npos.synthesize.knn import KnnIndex, faiss_available
 
 #: ``backend="auto"`` uses the batched torch engine up to this many points per class bank
 #: (its (Q, Q) products are row-blocked, so larger banks work too, only quadratically slower).
 TORCH_MAX_BANK = 20_000
-#: Default bound on the engine's working memory (bytes), banks and outputs excluded.
-DEFAULT_MEMORY_BUDGET = 256 * 2**20
 #: VOS covariance ridge, relative to the mean per-dimension variance.
 VOS_RIDGE = 1e-4
 
@@ -132,11 +131,6 @@ def draw_noise(n_classes: int, shape: tuple[int, ...], generator: torch.Generato
     return noise.to(device)
 
 
-def similarity_to_distance(sim: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance between unit vectors from their cosine: ``sqrt(2 - 2 cos)``."""
-    return (2.0 - 2.0 * sim).clamp_min_(0.0).sqrt_()
-
-
 def kth_similarity(queries: torch.Tensor, bank: torch.Tensor, k: int, *,
                    exclude_self: bool = False, max_elements: int = 1 << 26) -> torch.Tensor:
     """Batched k-th largest dot product of every query with its class bank.
@@ -181,13 +175,18 @@ class _TorchScorer:
     def __init__(self, k: int, max_elements: int) -> None:
         self.k, self.max_elements = k, max_elements
 
-    def bank(self, unit: torch.Tensor) -> torch.Tensor:
-        """(c, Q, D) unit banks -> (c, Q) distance to the K-th nearest other point."""
-        sim = kth_similarity(unit, unit, self.k, exclude_self=True,
+    def fit(self, unit: torch.Tensor) -> _TorchScorer:
+        """Use the (c, Q, D) unit banks of a chunk of classes."""
+        self.unit = unit
+        return self
+
+    def bank(self) -> torch.Tensor:
+        """(c, Q) distance of each bank point to its K-th nearest other point."""
+        sim = kth_similarity(self.unit, self.unit, self.k, exclude_self=True,
                              max_elements=self.max_elements)
         return similarity_to_distance(sim)
 
-    def queries(self, vectors: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    def queries(self, vectors: torch.Tensor) -> torch.Tensor:
         """(c, n, D) vectors (any norm) -> (c, n) K-th-NN distance to their class bank.
 
         Dividing the k-th largest raw product by the query norm equals the k-th largest
@@ -195,8 +194,29 @@ class _TorchScorer:
         instead of normalizing n x D values.
         """
         norms = vectors.norm(dim=-1).clamp_min_(1e-12)
-        sim = kth_similarity(vectors, unit, self.k, max_elements=self.max_elements)
+        sim = kth_similarity(vectors, self.unit, self.k, max_elements=self.max_elements)
         return similarity_to_distance(sim / norms)
+
+
+class _FaissScorer:
+    """The same distances from one faiss index per class (a Python loop over classes): for
+    banks too large for the (Q, Q) products of the torch engine."""
+
+    def __init__(self, backend: str, k: int) -> None:
+        self.backend, self.k = backend, k
+
+    def fit(self, unit: torch.Tensor) -> _FaissScorer:
+        self.unit = unit
+        self.indexes = [KnnIndex(self.backend).fit(bank) for bank in unit]
+        return self
+
+    def bank(self) -> torch.Tensor:
+        return torch.stack([index.kth_distance(bank, self.k, exclude_self=True)
+                            for index, bank in zip(self.indexes, self.unit)])
+
+    def queries(self, vectors: torch.Tensor) -> torch.Tensor:
+        return torch.stack([index.kth_distance(v, self.k)
+                            for index, v in zip(self.indexes, vectors)])
 
 
 def _check_inputs(banks: torch.Tensor, ready: torch.Tensor | None,
@@ -280,14 +300,11 @@ def synthesize(banks: torch.Tensor, config: SynthesisConfig, *,
     classes = _check_inputs(banks, ready, generator)
     n_classes, q, dim = banks.shape
     config.validate(bank_size=q)
-    backend = resolve_backend(config.backend, q)
-    if backend != "torch":
-        raise ParameterError(f"backend {backend!r} is not available yet")
     runner = {"npos": _npos, "gaussian": _gaussian, "vos": _vos}[config.method]
     budget = max(1, int(memory_budget) // 4)
     with torch.no_grad():
         parts, stats = runner(banks, classes.to(banks.device), config, generator, budget,
-                              return_stats)
+                              return_stats, resolve_backend(config.backend, q))
     if parts:
         outliers, labels, distance, source = (torch.cat(column) for column in zip(*parts))
     else:
@@ -302,7 +319,7 @@ def resolve_backend(backend: str, bank_size: int) -> str:
     """The concrete backend ``auto`` stands for at this bank size."""
     if backend != "auto":
         return backend
-    return "torch" if bank_size <= TORCH_MAX_BANK else "faiss-ivf"
+    return "torch" if bank_size <= TORCH_MAX_BANK or not faiss_available() else "faiss-ivf"
 
 
 def _outputs(classes, v_kept, scale, distance, source, keep):
@@ -314,7 +331,11 @@ def _outputs(classes, v_kept, scale, distance, source, keep):
     return outliers, labels, distance.reshape(-1), sources
 
 
-def _npos(banks, classes, cfg, generator, budget, return_stats):
+def _scorer(backend: str, k: int, max_sims: int):
+    return _TorchScorer(k, max_sims) if backend == "torch" else _FaissScorer(backend, k)
+
+
+def _npos(banks, classes, cfg, generator, budget, return_stats, backend):
     n_ready = classes.numel()
     _, q, dim = banks.shape
     p, m = cfg.pick, cfg.candidates
@@ -323,20 +344,20 @@ def _npos(banks, classes, cfg, generator, budget, return_stats):
     picks = draw_positions(n_ready, cfg.select, p, generator).to(banks.device)
     chunk, max_sims = _chunk_size(n_ready, q * dim + p * m * dim + q,
                                   max(q * q, p * m * q), budget)
-    scorer = _TorchScorer(cfg.k, max_sims)
+    scorer = _scorer(backend, cfg.k, max_sims)
     parts, stat_parts = [], []
     for start in range(0, n_ready, chunk):
         cls = classes[start:start + chunk]
         c = cls.numel()
         raw = banks[cls].float()
         unit = F.normalize(raw, dim=-1)
-        bank_d = scorer.bank(unit)
+        bank_d = scorer.fit(unit).bank()
         boundary = bank_d.topk(cfg.select, dim=1).indices  # by decreasing distance
         source = boundary.gather(1, picks[start:start + c])  # (c, p)
         centers = raw.gather(1, source.unsqueeze(-1).expand(c, p, dim))
         noise = draw_noise(c, (p, m, dim), generator, banks.device)
         v, scale = _perturb(centers, noise, cfg.resolved_sigma, cfg.noise_space)
-        cand_d = scorer.queries(v.view(c, p * m, dim), unit).view(c, p, m)
+        cand_d = scorer.queries(v.view(c, p * m, dim)).view(c, p, m)
         kept_d, kept = cand_d.topk(cfg.keep, dim=-1)  # per picked point
         v_kept = v.gather(2, kept.unsqueeze(-1).expand(c, p, cfg.keep, dim))
         parts.append(_outputs(cls, v_kept, scale, kept_d, source, cfg.keep))
@@ -349,9 +370,9 @@ def _npos(banks, classes, cfg, generator, budget, return_stats):
     return parts, stats
 
 
-def _gaussian(banks, classes, cfg, generator, budget, return_stats):
+def _gaussian(banks, classes, cfg, generator, budget, return_stats, backend):
     raise ParameterError("method 'gaussian' is not available yet")
 
 
-def _vos(banks, classes, cfg, generator, budget, return_stats):
+def _vos(banks, classes, cfg, generator, budget, return_stats, backend):
     raise ParameterError("method 'vos' is not available yet")
