@@ -371,8 +371,113 @@ def _npos(banks, classes, cfg, generator, budget, return_stats, backend):
 
 
 def _gaussian(banks, classes, cfg, generator, budget, return_stats, backend):
-    raise ParameterError("method 'gaussian' is not available yet")
+    """Plain Gaussian control: noise around uniformly drawn bank points, all draws kept."""
+    n_ready = classes.numel()
+    _, q, dim = banks.shape
+    p, keep = cfg.pick, cfg.keep
+    if n_ready == 0:
+        return [], None
+    picks = draw_positions(n_ready, q, p, generator).to(banks.device)
+    chunk, max_sims = _chunk_size(n_ready, q * dim + p * keep * dim + q,
+                                  max(q * q if return_stats else 0, p * keep * q), budget)
+    scorer = _scorer(backend, cfg.k, max_sims)
+    parts, stat_parts = [], []
+    for start in range(0, n_ready, chunk):
+        cls = classes[start:start + chunk]
+        c = cls.numel()
+        raw = banks[cls].float()
+        scorer.fit(F.normalize(raw, dim=-1))
+        source = picks[start:start + c]
+        centers = raw.gather(1, source.unsqueeze(-1).expand(c, p, dim))
+        noise = draw_noise(c, (p, keep, dim), generator, banks.device)
+        v, scale = _perturb(centers, noise, cfg.resolved_sigma, cfg.noise_space)
+        dist = scorer.queries(v.view(c, p * keep, dim)).view(c, p, keep)
+        parts.append(_outputs(cls, v, scale, dist, source, keep))
+        if return_stats:
+            stat_parts.append((scorer.bank(), source, dist))
+    stats = None
+    if return_stats:
+        bank_d, source, dist = (torch.cat(x) for x in zip(*stat_parts))
+        stats = SynthesisStats(classes, bank_d, None, source, dist)
+    return parts, stats
+
+
+def fit_shared_gaussian(banks: torch.Tensor, space: str, *, chunk: int = 64):
+    """Class means and the Cholesky factor of the pooled (shared) covariance, as in VOS.
+
+    Parameters
+    ----------
+    banks : Tensor of shape (R, Q, D)
+        The ready classes' banks.
+    space : {"sphere", "raw"}
+        ``sphere`` fits the unit vectors, ``raw`` the embeddings as they are.
+
+    Returns
+    -------
+    means : Tensor of shape (R, D)
+    chol : Tensor of shape (D, D)
+        Lower Cholesky factor of ``cov + VOS_RIDGE * mean_variance * I``, where ``cov`` is
+        the within-class covariance pooled over classes (divisor ``R * (Q - 1)``). The ridge
+        keeps it positive definite when R * Q is not much larger than D.
+    """
+    n_classes, q, dim = banks.shape
+    means, scatter = [], torch.zeros((dim, dim), dtype=torch.float64, device=banks.device)
+    for start in range(0, n_classes, chunk):
+        x = banks[start:start + chunk].double()
+        if space == "sphere":
+            x = F.normalize(x, dim=-1)
+        mu = x.mean(dim=1, keepdim=True)
+        centred = (x - mu).reshape(-1, dim)
+        scatter += centred.T @ centred
+        means.append(mu.squeeze(1))
+    cov = scatter / (n_classes * (q - 1))
+    ridge = VOS_RIDGE * torch.diagonal(cov).mean().clamp_min(1e-12)
+    chol = torch.linalg.cholesky(cov + ridge * torch.eye(dim, dtype=cov.dtype,
+                                                          device=cov.device))
+    return torch.cat(means).float(), chol.float()
 
 
 def _vos(banks, classes, cfg, generator, budget, return_stats, backend):
-    raise ParameterError("method 'vos' is not available yet")
+    """Parametric control (VOS-style): per-class Gaussians with a shared covariance.
+
+    A sample ``x = mu_c + L eps`` has Mahalanobis distance ``|eps|^2`` under the shared
+    covariance ``L L^T``, so the lowest-likelihood samples are those with the largest
+    ``|eps|``: of ``pick * candidates`` draws per class the ``pick * keep`` largest are kept
+    (ordered by decreasing ``|eps|``). In ``sphere`` space the Gaussians are fit to unit
+    vectors and outliers are put at the class's mean embedding norm.
+    """
+    n_ready = classes.numel()
+    _, q, dim = banks.shape
+    total, kept_n = cfg.pick * cfg.candidates, cfg.pick * cfg.keep
+    if n_ready == 0:
+        return [], None
+    means, chol = fit_shared_gaussian(banks[classes], cfg.noise_space)
+    scored = total if return_stats else kept_n
+    chunk, max_sims = _chunk_size(n_ready, q * dim + 2 * total * dim + q,
+                                  max(q * q if return_stats else 0, scored * q), budget)
+    scorer = _scorer(backend, cfg.k, max_sims)
+    parts, stat_parts = [], []
+    for start in range(0, n_ready, chunk):
+        cls = classes[start:start + chunk]
+        c = cls.numel()
+        raw = banks[cls].float()
+        scorer.fit(F.normalize(raw, dim=-1))
+        eps = draw_noise(c, (total, dim), generator, banks.device)
+        order = eps.square().sum(dim=-1).topk(kept_n, dim=1).indices  # lowest likelihood first
+        x = means[start:start + c].unsqueeze(1) + eps @ chol.T  # (c, total, D)
+        x_kept = x.gather(1, order.unsqueeze(-1).expand(c, kept_n, dim))
+        scale = None
+        if cfg.noise_space == "sphere":
+            scale = raw.norm(dim=-1).mean(dim=1).view(c, 1, 1, 1)
+        dist = scorer.queries(x_kept).view(c, cfg.pick, cfg.keep)
+        source = torch.full((c, cfg.pick), -1, dtype=torch.int64, device=banks.device)
+        parts.append(_outputs(cls, x_kept.view(c, cfg.pick, cfg.keep, dim), scale, dist,
+                              source, cfg.keep))
+        if return_stats:
+            all_d = scorer.queries(x).view(c, cfg.pick, cfg.candidates)
+            stat_parts.append((scorer.bank(), all_d))
+    stats = None
+    if return_stats:
+        bank_d, all_d = (torch.cat(x) for x in zip(*stat_parts))
+        stats = SynthesisStats(classes, bank_d, None, None, all_d)
+    return parts, stats

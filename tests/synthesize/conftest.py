@@ -54,6 +54,52 @@ def reference_npos(banks, cfg, seed, ready=None):
     return torch.cat(out), torch.tensor(labels), torch.cat(dist), torch.tensor(src)
 
 
+def _perturb(b, noise, cfg):
+    if cfg.noise_space == "sphere":
+        return b.norm() * F.normalize(b / b.norm() + cfg.resolved_sigma * noise, dim=-1)
+    return b + cfg.resolved_sigma * noise
+
+
+def reference_gaussian(banks, cfg, seed):
+    """The ``gaussian`` control as a plain per-class loop (all classes ready)."""
+    g = torch.Generator().manual_seed(seed)
+    n_classes, q, dim = banks.shape
+    picks = torch.rand((n_classes, q), generator=g).argsort(dim=1)[:, :cfg.pick]
+    out, dist = [], []
+    for c in range(n_classes):
+        bank = banks[c].double()
+        noise = torch.randn((cfg.pick, cfg.keep, dim), generator=g).double()
+        for j in range(cfg.pick):
+            cand = _perturb(bank[picks[c, j]], noise[j], cfg)
+            out.append(cand)
+            dist.append(reference_kth(cand, bank, cfg.k))
+    return torch.cat(out), torch.cat(dist), picks
+
+
+def reference_vos(banks, cfg, seed):
+    """The ``vos`` control as a plain per-class loop (all classes ready), in float64."""
+    g = torch.Generator().manual_seed(seed)
+    n_classes, q, dim = banks.shape
+    x = banks.double()
+    if cfg.noise_space == "sphere":
+        x = F.normalize(x, dim=-1)
+    means = x.mean(dim=1)
+    centred = (x - means[:, None]).reshape(-1, dim)
+    cov = centred.T @ centred / (n_classes * (q - 1))
+    cov = cov + 1e-4 * torch.diagonal(cov).mean() * torch.eye(dim, dtype=torch.float64)
+    chol = torch.linalg.cholesky(cov)
+    out, dist = [], []
+    for c in range(n_classes):
+        eps = torch.randn((cfg.pick * cfg.candidates, dim), generator=g).double()
+        order = eps.square().sum(dim=1).argsort(descending=True)[:cfg.pick * cfg.keep]
+        kept = means[c] + eps[order] @ chol.T
+        if cfg.noise_space == "sphere":
+            kept = F.normalize(kept, dim=-1) * banks[c].double().norm(dim=-1).mean()
+        out.append(kept)
+        dist.append(reference_kth(kept, banks[c], cfg.k))
+    return torch.cat(out), torch.cat(dist), means, cov
+
+
 @pytest.fixture
 def banks():
     return clustered_banks()
@@ -62,4 +108,5 @@ def banks():
 @pytest.fixture
 def ref():
     """The reference helpers (test modules cannot import conftest under importlib mode)."""
-    return SimpleNamespace(banks=clustered_banks, kth=reference_kth, npos=reference_npos)
+    return SimpleNamespace(banks=clustered_banks, kth=reference_kth, npos=reference_npos,
+                           gaussian=reference_gaussian, vos=reference_vos)
