@@ -111,8 +111,10 @@ def _plot_histograms(result: EvaluationResult, score: str, path: Path) -> None:
         both = np.concatenate([id_scores, values])
         lo, hi = float(both.min()), float(both.max())
         bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 51)
-        ax.hist(id_scores, bins=bins, density=True, alpha=0.55, label="ID")
-        ax.hist(values, bins=bins, density=True, alpha=0.55, label=name)
+        # stepfilled: one patch per histogram instead of one per bar (several times faster)
+        for values_, label in ((id_scores, "ID"), (values, name)):
+            ax.hist(values_, bins=bins, density=True, alpha=0.55, label=label,
+                    histtype="stepfilled")
         m = result.metrics[score][name]
         ax.set_title(f"{name}: FPR95 {_pct(m['fpr95'])}, AUROC {_pct(m['auroc'])}",
                      fontsize=9)
