@@ -1,0 +1,148 @@
+"""`SynthesisConfig`: the parameters of one synthesis call, validated in one place.
+
+The field names are the CLI option names of ``npos synthesize`` and ``npos train-head``
+(``--k``, ``--select``, ...), and ``dataclasses.asdict(config)`` is what derived stores and
+checkpoints record.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from numbers import Integral, Real
+from typing import Any
+
+from npos.errors import ParameterError
+
+METHODS = ("npos", "vos", "gaussian")
+NOISE_SPACES = ("sphere", "raw")
+BACKENDS = ("auto", "torch", "faiss-flat", "faiss-ivf")
+
+#: The sigma used when ``sigma=None``, per noise space. ``raw`` 0.1 is the paper's value for
+#: CLIP ViT-B/16 (embedding norm ~10, D=512): a relative perturbation of
+#: 0.1 * sqrt(512) / 10 ~ 0.23, which is ``sphere`` sigma 0.23 / sqrt(512) ~ 0.01.
+DEFAULT_SIGMA = {"sphere": 0.01, "raw": 0.1}
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ParameterError(
+            f"The {name!r} parameter must be one of {options}. Got {value!r} instead.")
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None, *,
+               high_closed: bool = True, why: str = "") -> None:
+    """``value`` must be an int in [low, high] (or [low, high) when ``high_closed`` is False)."""
+    ok = isinstance(value, Integral) and not isinstance(value, bool)
+    if ok and value < low:
+        ok = False
+    if ok and high is not None:
+        ok = value <= high if high_closed else value < high
+    if not ok:
+        if high is None:
+            interval = f"[{low}, inf)"
+        else:
+            interval = f"[{low}, {high}{']' if high_closed else ')'}"
+        raise ParameterError(
+            f"The {name!r} parameter must be an int in the range {interval}{why}. "
+            f"Got {value!r} instead.")
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """Parameters of outlier synthesis (see the design's "NPOS synthesis").
+
+    Parameters
+    ----------
+    method : {"npos", "vos", "gaussian"}
+        ``npos``: boundary selection + Gaussian sampling + kNN rejection (the paper).
+        ``vos``: class-conditional Gaussians with a shared covariance; of ``pick *
+        candidates`` samples per class keep the ``pick * keep`` least likely. ``gaussian``:
+        noise around ``pick`` uniformly drawn bank points, ``keep`` draws each, no selection
+        and no rejection. Every method returns ``pick * keep`` outliers per ready class.
+    k : int
+        K of the K-th-nearest-neighbour distance; ``1 <= k < Q`` (a bank point's K-th nearest
+        *other* point).
+    select : int
+        Size of the boundary set: the bank points with the largest K-th-NN distance
+        (``npos`` only); ``pick <= select <= Q``.
+    pick : int
+        Boundary points (``npos``) or bank points (``gaussian``) drawn per class and call.
+    candidates : int
+        Gaussian candidates sampled around each picked point (``npos``), or per picked slot
+        (``vos``: ``pick * candidates`` samples per class).
+    sigma : float or None
+        Noise std. ``None`` means the noise space's default: 0.01 for ``sphere``, 0.1 for
+        ``raw`` (see :data:`DEFAULT_SIGMA` for how they correspond). Not used by ``vos``.
+    noise_space : {"sphere", "raw"}
+        ``sphere``: ``|b| * normalize(b/|b| + sigma * eps)``, sigma is a per-dimension std on
+        unit vectors and outliers keep their source point's norm. ``raw`` (the paper's code):
+        ``b + sigma * eps`` on the un-normalized embedding.
+    keep : int
+        Candidates kept per picked point: those with the largest K-th-NN distance to the
+        class bank (``npos``); noise draws per picked point (``gaussian``); ``keep <=
+        candidates``.
+    backend : {"auto", "torch", "faiss-flat", "faiss-ivf"}
+        kNN backend. ``torch`` is the batched exact engine over all classes at once; the
+        faiss backends run one index per class (for banks too large for a (Q, Q) product).
+        ``auto`` takes ``torch`` up to :data:`npos.synthesize.engine.TORCH_MAX_BANK` points per
+        class.
+    """
+
+    method: str = "npos"
+    k: int = 400
+    select: int = 300
+    pick: int = 3
+    candidates: int = 1500
+    sigma: float | None = None
+    noise_space: str = "sphere"
+    keep: int = 2
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def resolved_sigma(self) -> float:
+        """The sigma actually used: ``sigma``, or the noise space's default when it is None."""
+        return DEFAULT_SIGMA[self.noise_space] if self.sigma is None else float(self.sigma)
+
+    def validate(self, bank_size: int | None = None) -> None:
+        """Raise :class:`~npos.errors.ParameterError` for the first invalid parameter.
+
+        Without ``bank_size`` only checks that do not depend on the bank run (they also run
+        at construction); with it, the bounds that involve the per-class bank size Q too.
+        """
+        _check_choice("method", self.method, METHODS)
+        _check_choice("noise_space", self.noise_space, NOISE_SPACES)
+        _check_choice("backend", self.backend, BACKENDS)
+        _check_int("k", self.k, 1)
+        _check_int("pick", self.pick, 1)
+        _check_int("candidates", self.candidates, 1)
+        _check_int("keep", self.keep, 1)
+        _check_int("select", self.select, 1)
+        sigma = self.sigma
+        if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, Real)
+                                  or not math.isfinite(sigma) or sigma <= 0):
+            raise ParameterError(
+                f"The 'sigma' parameter must be a float in the range (0, inf) or None. "
+                f"Got {sigma!r} instead.")
+        if self.method == "npos":
+            _check_int("pick", self.pick, 1, self.select, why=" (pick <= select)")
+        if self.method in ("npos", "vos"):
+            _check_int("keep", self.keep, 1, self.candidates, why=" (keep <= candidates)")
+        if bank_size is None:
+            return
+        _check_int("bank size", bank_size, 2, why=" (points per class bank)")
+        _check_int("k", self.k, 1, bank_size, high_closed=False,
+                   why=f" (k < bank size {bank_size}: the K-th nearest other point)")
+        if self.method == "npos":
+            _check_int("select", self.select, self.pick, bank_size,
+                       why=f" (pick <= select <= bank size {bank_size})")
+        if self.method == "gaussian":
+            _check_int("pick", self.pick, 1, bank_size, why=f" (pick <= bank size {bank_size})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields plus ``resolved_sigma``, for store attributes and ``config.json``."""
+        return {**asdict(self), "resolved_sigma": self.resolved_sigma}
