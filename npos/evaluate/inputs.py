@@ -61,7 +61,20 @@ class ScoringSetup:
             "mcm_temperature": scorer.mcm_temperature,
             "knn_k": scorer.knn.k if scorer.knn is not None else None,
             "knn_backend": scorer.knn.backend if scorer.knn is not None else None,
+            **_knn_index_facts(scorer),
         }
+
+
+def _knn_index_facts(scorer: OODScorer) -> dict[str, Any]:
+    """The backend ``auto`` chose and, for IVF, the nprobe and the recall@K it measured."""
+    index = getattr(scorer.knn, "index_", None)
+    if index is None:
+        return {}
+    facts: dict[str, Any] = {"knn_backend_used": index.backend_}
+    k = scorer.knn.k
+    if k in index.recall_:
+        facts.update(knn_nprobe=index.nprobe_[k], knn_recall=index.recall_[k])
+    return facts
 
 
 def _load_head(head, device: str):

@@ -83,7 +83,12 @@ def render_markdown(result: EvaluationResult) -> str:
     if "mcm" in result.metrics:
         lines.append(f"- MCM temperature: {s.get('mcm_temperature')}")
     if "knn" in result.metrics:
-        lines.append(f"- kNN: K = {s.get('knn_k')}, backend {s.get('knn_backend')}")
+        used = s.get("knn_backend_used")
+        line = f"- kNN: K = {s.get('knn_k')}, backend {s.get('knn_backend')}" + \
+            (f" ({used})" if used and used != s.get("knn_backend") else "")
+        if s.get("knn_recall") is not None:
+            line += f", nprobe {s['knn_nprobe']}, measured recall@K {s['knn_recall']:.3f}"
+        lines.append(line)
     acc = result.id_accuracy
     lines += ["", "ID accuracy: " + (f"{_pct(acc)} %" if acc is not None else
                                      "n/a (no labels, or no classifier over the ID classes)"),

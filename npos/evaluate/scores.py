@@ -162,15 +162,13 @@ class KNNScore:
         return self
 
     def score(self, features) -> np.ndarray:
-        """Scores (N,) of features (N, D): ``-`` the K-th-NN distance."""
+        """Scores (N,) of features (N, D), numpy or torch: ``-`` the K-th-NN distance."""
         if not hasattr(self, "index_"):
             raise ParameterError("KNNScore is not fitted; call fit(bank) first")
-        features = np.ascontiguousarray(_to_numpy(features), dtype=np.float32)
         if features.ndim != 2 or features.shape[1] != self.dim_:
             raise ParameterError(f"knn was fitted on dim {self.dim_}; got features of shape "
-                                 f"{features.shape}")
-        distances, _ = self.index_.search(features, self.k)
-        return -np.asarray(distances)[:, self.k - 1].astype(np.float64)
+                                 f"{tuple(features.shape)}")
+        return -_to_numpy(self.index_.kth_distance(features, self.k)).astype(np.float64)
 
 
 class MahalanobisScore:
