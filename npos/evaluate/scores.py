@@ -52,6 +52,8 @@ TRAIN_SCORES = ("knn", "mahalanobis")
 #: CLIP's trained logit scale (``exp(logit_scale)``, clamped at 100 in training): the encoder
 #: space's classifier logits are ``100 * cos``.
 CLIP_LOGIT_SCALE = 100.0
+#: Largest Euclidean distance between unit vectors.
+MAX_UNIT_DISTANCE = 2.0
 
 
 def parse_scores(spec: str | Iterable[str]) -> list[str]:
@@ -128,7 +130,9 @@ class KNNScore:
 
     Sun et al., "Out-of-distribution detection with deep nearest neighbors", ICML 2022.
     The search goes through :class:`npos.synthesize.knn.KnnIndex` (exact or IVF, GPU when
-    present); the distance is Euclidean between unit vectors, in [0, 2].
+    present); the distance is Euclidean between unit vectors, in [0, 2]. A row for which an
+    IVF search finds fewer than K neighbours in the probed lists scores -2 (the lowest
+    possible score) instead of -inf.
 
     Parameters
     ----------
@@ -168,7 +172,10 @@ class KNNScore:
         if features.ndim != 2 or features.shape[1] != self.dim_:
             raise ParameterError(f"knn was fitted on dim {self.dim_}; got features of shape "
                                  f"{tuple(features.shape)}")
-        return -_to_numpy(self.index_.kth_distance(features, self.k)).astype(np.float64)
+        distance = _to_numpy(self.index_.kth_distance(features, self.k)).astype(np.float64)
+        # An IVF search that probed lists holding fewer than K points returns +inf; the K-th
+        # distance between unit vectors is at most 2, so such rows get the lowest score, -2.
+        return -np.minimum(distance, MAX_UNIT_DISTANCE)
 
 
 class MahalanobisScore:

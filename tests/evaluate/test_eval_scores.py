@@ -135,3 +135,17 @@ def test_build_scorer_defaults_and_text_source(world):
         build_scorer({"store": far}, device="cpu")
     with pytest.raises(ParameterError, match="need a train store"):
         build_scorer({"store": test}, scores="mcm,mahalanobis", device="cpu")
+
+
+def test_knn_ivf_missing_neighbours_score_lowest(world):
+    # 400 bank rows in ivf_nlist(400) = 4 lists of ~100; probing one list cannot return
+    # K = 300 neighbours, so KnnIndex reports +inf and the score is clipped to -2.
+    scorer = OODScorer(["knn"], knn_k=300, knn_backend="faiss-ivf", device="cpu")
+    scorer.fit(world["z_train"])
+    scorer.knn.index_.nprobe = 1
+    raw = scorer.knn.index_.kth_distance(world["z_far"], 300)
+    assert np.isinf(raw).any()
+    got = scorer.score(world["z_far"])["knn"]
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got[np.isinf(raw)], -2.0)
+    np.testing.assert_allclose(got[~np.isinf(raw)], -raw[~np.isinf(raw)], rtol=1e-6)
