@@ -124,15 +124,19 @@ def score_store(
     -------
     ScoreSummary
     """
+    from npos.evaluate.scores import resolve_device
+
     out = str(out)
     fmt = output_format(out)
     if fmt == "parquet":
         _require_pyarrow()
-    _check_out(out, fmt, overwrite)
+    dist = Distributed(resolve_device(device))
+    # Only rank 0 writes a csv/parquet file (its folder may exist on rank 0's node only);
+    # a zarr output is written by every rank, so every rank checks it.
+    if fmt == "zarr" or dist.shard.is_main:
+        _check_out(out, fmt, overwrite)
     fs = open_store(store)
-    from npos.evaluate.scores import resolve_device
-
-    with Distributed(resolve_device(device)) as dist:
+    with dist:
         setup = build_scorer({"store": fs}, scores=scores, head=head, train=train, knn_k=knn_k,
                              knn_backend=knn_backend, mcm_temperature=mcm_temperature,
                              device=dist.device, batch_size=batch_size)
