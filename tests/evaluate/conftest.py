@@ -7,15 +7,12 @@ import pytest
 
 
 @pytest.fixture
-def world(tmp_path, make_store):
-    """Train/test stores of 4 classes around their text embeddings, and two OOD stores.
-
-    Returns a dict of store paths plus the raw arrays (``text``, ``z_test``...).
-    """
+def arrays():
+    """Generated embeddings: 4 classes around their text embeddings (dim 16), a far OOD set
+    (pure noise) and a near one (around class 0's text embedding)."""
     rng = np.random.default_rng(1)
     n_classes, dim = 4, 16
     text = rng.normal(size=(n_classes, dim))
-    names = [f"c{i}" for i in range(n_classes)]
 
     def id_rows(n):
         y = rng.integers(0, n_classes, n)
@@ -23,17 +20,27 @@ def world(tmp_path, make_store):
 
     z_train, y_train = id_rows(400)
     z_test, y_test = id_rows(150)
-    z_far = rng.normal(size=(120, dim))
-    z_near = rng.normal(size=(90, dim)) + text[0]
+    return {"text": text, "z_train": z_train, "y_train": y_train, "z_test": z_test,
+            "y_test": y_test, "z_far": rng.normal(size=(120, dim)),
+            "z_near": rng.normal(size=(90, dim)) + text[0]}
+
+
+@pytest.fixture
+def world(tmp_path, make_store, arrays):
+    """:func:`arrays` written as stores (several chunks each): ``train`` and ``test``
+    (labeled, with text embeddings), ``far`` and ``near`` (unlabeled, no text).
+
+    Returns the arrays plus the store paths under those names and ``tmp``.
+    """
     paths = {name: str(tmp_path / f"{name}.zarr") for name in ("train", "test", "far", "near")}
-    make_store(paths["train"], z_train, y_train, class_names=names, text_embeddings=text,
-               chunk_rows=64)
-    make_store(paths["test"], z_test, y_test, class_names=names, text_embeddings=text,
-               chunk_rows=32)
-    make_store(paths["far"], z_far, chunk_rows=50)
-    make_store(paths["near"], z_near, chunk_rows=50)
-    return {**paths, "text": text, "z_train": z_train, "y_train": y_train, "z_test": z_test,
-            "y_test": y_test, "z_far": z_far, "z_near": z_near, "tmp": tmp_path}
+    names = [f"c{i}" for i in range(len(arrays["text"]))]
+    make_store(paths["train"], arrays["z_train"], arrays["y_train"], class_names=names,
+               text_embeddings=arrays["text"], chunk_rows=64)
+    make_store(paths["test"], arrays["z_test"], arrays["y_test"], class_names=names,
+               text_embeddings=arrays["text"], chunk_rows=32)
+    make_store(paths["far"], arrays["z_far"], chunk_rows=50)
+    make_store(paths["near"], arrays["z_near"], chunk_rows=50)
+    return {**arrays, **paths, "tmp": tmp_path}
 
 
 class ContractHead:

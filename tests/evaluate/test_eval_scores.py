@@ -18,16 +18,16 @@ def _softmax(x):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.05])
-def test_mcm_equals_direct_softmax(world, temperature):
-    z, text = world["z_test"], world["text"]
+def test_mcm_equals_direct_softmax(arrays, temperature):
+    z, text = arrays["z_test"], arrays["text"]
     scorer = OODScorer(["mcm"], text_embeddings=text, mcm_temperature=temperature, device="cpu")
     cos = _unit(z) @ _unit(text).T
     want = _softmax(cos / temperature).max(axis=1)
     np.testing.assert_allclose(scorer.score(z.astype(np.float32))["mcm"], want, rtol=1e-5)
 
 
-def test_logit_scores_equal_direct_formulas(world):
-    z, text = world["z_far"], world["text"]
+def test_logit_scores_equal_direct_formulas(arrays):
+    z, text = arrays["z_far"], arrays["text"]
     scorer = OODScorer(["msp", "maxlogit", "energy"], text_embeddings=text, device="cpu")
     logits = 100.0 * _unit(z) @ _unit(text).T  # CLIP's logit scale
     got = scorer.score(z)
@@ -38,9 +38,9 @@ def test_logit_scores_equal_direct_formulas(world):
                                rtol=1e-5, atol=1e-4)
 
 
-def test_mahalanobis_equals_direct_computation(world):
-    z, y = world["z_train"], world["y_train"]
-    queries = world["z_near"]
+def test_mahalanobis_equals_direct_computation(arrays):
+    z, y = arrays["z_train"], arrays["y_train"]
+    queries = arrays["z_near"]
     det = MahalanobisScore().fit(z, y)
     means = np.stack([z[y == c].mean(0) for c in range(4)])
     centered = z - means[y]
@@ -55,27 +55,26 @@ def test_mahalanobis_equals_direct_computation(world):
         MahalanobisScore().fit(z, -np.ones(len(z), int))
 
 
-def test_knn_equals_bruteforce_numpy(world):
-    bank, queries, k = world["z_train"], world["z_near"], 7
+def test_knn_equals_bruteforce_numpy(arrays):
+    bank, queries, k = arrays["z_train"], arrays["z_near"], 7
     scorer = OODScorer(["knn"], knn_k=k, knn_backend="torch", device="cpu").fit(bank)
     d = np.linalg.norm(_unit(queries)[:, None, :] - _unit(bank)[None, :, :], axis=2)
     want = -np.sort(d, axis=1)[:, k - 1]
     np.testing.assert_allclose(scorer.score(queries)["knn"], want, atol=1e-5)
 
 
-def test_knn_faiss_backend_matches_torch(world):
-    bank, queries = world["z_train"], world["z_far"]
+def test_knn_faiss_backend_matches_torch(arrays):
+    bank, queries = arrays["z_train"], arrays["z_far"]
     a = OODScorer(["knn"], knn_k=5, knn_backend="torch", device="cpu").fit(bank).score(queries)
     b = OODScorer(["knn"], knn_k=5, knn_backend="faiss-flat", device="cpu").fit(bank).score(
         queries)
     np.testing.assert_allclose(a["knn"], b["knn"], atol=1e-5)
 
 
-def test_head_space_scores(world, contract_head):
-    fp = FeatureStore.open(world["test"]).fingerprint()
-    head = contract_head(16, 4, fingerprint=fp, temperature=0.1)
-    z = torch.as_tensor(world["z_test"], dtype=torch.float32)
-    bank = torch.as_tensor(world["z_train"], dtype=torch.float32)
+def test_head_space_scores(arrays, contract_head):
+    head = contract_head(16, 4, fingerprint={"model": "test-model"}, temperature=0.1)
+    z = torch.as_tensor(arrays["z_test"], dtype=torch.float32)
+    bank = torch.as_tensor(arrays["z_train"], dtype=torch.float32)
     scorer = OODScorer(["mcm", "msp", "head", "knn"], head=head, knn_k=3, knn_backend="torch",
                        device="cpu").fit(bank)
     got = scorer.score(z)
@@ -88,19 +87,19 @@ def test_head_space_scores(world, contract_head):
     np.testing.assert_allclose(got["knn"], -np.sort(d, axis=1)[:, 2], atol=1e-5)
 
 
-def test_scorer_parameter_errors(world):
+def test_scorer_parameter_errors(arrays):
     with pytest.raises(ParameterError, match="unknown score"):
         parse_scores("mcm,odin")
     with pytest.raises(ParameterError, match="need class logits"):
         OODScorer(["mcm"], device="cpu")
     with pytest.raises(ParameterError, match="needs a trained head"):
-        OODScorer(["head"], text_embeddings=world["text"], device="cpu")
+        OODScorer(["head"], text_embeddings=arrays["text"], device="cpu")
     with pytest.raises(ParameterError, match="need train embeddings"):
         OODScorer(["knn"], device="cpu").fit(None)
     with pytest.raises(ParameterError, match="'k' parameter of knn must be <= the 400"):
-        OODScorer(["knn"], knn_k=401, knn_backend="torch", device="cpu").fit(world["z_train"])
+        OODScorer(["knn"], knn_k=401, knn_backend="torch", device="cpu").fit(arrays["z_train"])
     with pytest.raises(ParameterError, match="mcm_temperature"):
-        OODScorer(["mcm"], text_embeddings=world["text"], mcm_temperature=0, device="cpu")
+        OODScorer(["mcm"], text_embeddings=arrays["text"], mcm_temperature=0, device="cpu")
 
 
 def test_build_scorer_refuses_other_encoder_or_dim(world, make_store, rng):
@@ -137,15 +136,15 @@ def test_build_scorer_defaults_and_text_source(world):
         build_scorer({"store": test}, scores="mcm,mahalanobis", device="cpu")
 
 
-def test_knn_ivf_missing_neighbours_score_lowest(world):
+def test_knn_ivf_missing_neighbours_score_lowest(arrays):
     # 400 bank rows in ivf_nlist(400) = 4 lists of ~100; probing one list cannot return
     # K = 300 neighbours, so KnnIndex reports +inf and the score is clipped to -2.
     scorer = OODScorer(["knn"], knn_k=300, knn_backend="faiss-ivf", device="cpu")
-    scorer.fit(world["z_train"])
+    scorer.fit(arrays["z_train"])
     scorer.knn.index_.nprobe = 1
-    raw = scorer.knn.index_.kth_distance(world["z_far"], 300)
+    raw = scorer.knn.index_.kth_distance(arrays["z_far"], 300)
     assert np.isinf(raw).any()
-    got = scorer.score(world["z_far"])["knn"]
+    got = scorer.score(arrays["z_far"])["knn"]
     assert np.isfinite(got).all()
     np.testing.assert_array_equal(got[np.isinf(raw)], -2.0)
     np.testing.assert_allclose(got[~np.isinf(raw)], -raw[~np.isinf(raw)], rtol=1e-6)
