@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-KNN_BACKENDS = ("auto", "torch", "faiss-flat", "faiss-ivf")
+from npos.synthesize.config import BACKENDS as KNN_BACKENDS
 
 
 def scoring_options(func):
