@@ -80,13 +80,16 @@ def bench_score(args, rng: np.random.Generator, workdir: Path) -> None:
 
 
 def make_head(store, workdir: Path, args):
-    """A briefly trained head on (a slice of) the store, or None without npos.train_head."""
+    """A real head checkpoint trained briefly on the store (scoring cost does not depend on
+    how well it was trained), or None without npos.train_head."""
     try:
-        from npos.train_head import HeadConfig, train_head  # noqa: F401
+        from npos.train_head import HeadConfig, train_head
     except ImportError:
         return None
     head_dir = workdir / "head"
-    train_head(store, str(head_dir), HeadConfig(epochs=1, seed=0), device=args.device)
+    train_head(store.url, str(head_dir),
+               HeadConfig(epochs=1, batch_size=4096, ood_weight=0.0, seed=0),
+               device=args.device)
     return str(head_dir)
 
 
