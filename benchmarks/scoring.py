@@ -30,11 +30,11 @@ import numpy as np
 
 
 def clustered(n: int, dim: int, centres: np.ndarray, rng: np.random.Generator,
-              spread: float = 0.75) -> np.ndarray:
-    """``n`` unit-ish vectors around random rows of ``centres`` (float32)."""
+              spread: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` unit-ish vectors around random rows of ``centres`` (float32) and their centre."""
     which = rng.integers(0, len(centres), n)
     noise = rng.standard_normal((n, dim), dtype=np.float32) * (spread / np.sqrt(dim))
-    return (centres[which] + noise).astype(np.float32)
+    return (centres[which] + noise).astype(np.float32), which
 
 
 def bench_score(args, rng: np.random.Generator, workdir: Path) -> None:
@@ -52,8 +52,8 @@ def bench_score(args, rng: np.random.Generator, workdir: Path) -> None:
     for index in range(store.n_chunks):
         rows = store.chunk_slice(index)
         m = rows.stop - rows.start
-        store.write_chunk(index, embeddings=clustered(m, dim, centres, rng),
-                          ids=np.array([f"img/{i:08d}.jpg" for i in range(rows.start, rows.stop)]))
+        z, y = clustered(m, dim, centres, rng)
+        store.write_chunk(index, embeddings=z, labels=y, ids=np.array([f"img/{i:08d}.jpg" for i in range(rows.start, rows.stop)]))
     store.set_array("text_embeddings", centres)
 
     t = time.perf_counter()
@@ -101,8 +101,8 @@ def bench_knn(args, rng: np.random.Generator) -> None:
     dim, k = args.dim, args.k
     centres = rng.standard_normal((args.clusters, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    bank = clustered(args.bank, dim, centres, rng)
-    queries = clustered(args.queries, dim, centres, rng)
+    bank, _ = clustered(args.bank, dim, centres, rng)
+    queries, _ = clustered(args.queries, dim, centres, rng)
     print(f"\n## knn score: bank {args.bank} x {dim}, {args.queries} queries, K = {k}, "
           f"{args.clusters} generated clusters; torch threads {torch.get_num_threads()}")
     results = {}

@@ -32,6 +32,7 @@ The small detector objects follow pytorch-ood's ``fit`` / ``score`` shape on fea
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -234,6 +235,17 @@ def _to_numpy(x) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- spaces
+@dataclass
+class SpaceOutputs:
+    """What a space computes for a batch: features ``h`` (N, D) and, when asked for, cosine
+    logits (N, C) with the factor turning them into classifier logits, and the OOD logit."""
+
+    features: torch.Tensor
+    cosine: torch.Tensor | None = None
+    logit_scale: float | None = None
+    ood_logit: torch.Tensor | None = None
+
+
 class EncoderSpace:
     """The encoder's own space: a zero-shot classifier from class text embeddings.
 
@@ -261,17 +273,15 @@ class EncoderSpace:
     def has_classifier(self) -> bool:
         return self._text is not None
 
-    def features(self, z: torch.Tensor) -> torch.Tensor:
-        return z
-
-    def cosine_logits(self, z: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """``(s, scale)``: cosine logits (N, C) and the factor giving classifier logits."""
+    def outputs(self, z: torch.Tensor, *, logits: bool = False,
+                ood: bool = False) -> SpaceOutputs:
         import torch.nn.functional as F
 
-        return F.normalize(z, dim=1) @ self._text.T, self.logit_scale
-
-    def ood_logit(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - guarded
-        raise ParameterError("the 'head' score needs a trained head (--head)")
+        if ood:
+            raise ParameterError("the 'head' score needs a trained head (--head)")
+        if not logits:
+            return SpaceOutputs(z)
+        return SpaceOutputs(z, F.normalize(z, dim=1) @ self._text.T, self.logit_scale)
 
 
 class HeadSpace:
@@ -285,15 +295,14 @@ class HeadSpace:
         self.device = device
         self.temperature = head_temperature(head)
 
-    def features(self, z: torch.Tensor) -> torch.Tensor:
-        return self.head.project(z)
-
-    def cosine_logits(self, z: torch.Tensor) -> tuple[torch.Tensor, float]:
-        logits = self.head.logits(z)
-        return logits * self.temperature, 1.0 / self.temperature
-
-    def ood_logit(self, z: torch.Tensor) -> torch.Tensor:
-        return self.head.ood_logit(z)
+    def outputs(self, z: torch.Tensor, *, logits: bool = False,
+                ood: bool = False) -> SpaceOutputs:
+        if not (logits or ood):
+            return SpaceOutputs(self.head.project(z))
+        # One pass through the projection for h, the logits and the OOD logit together.
+        out = self.head.score(z, batch_size=max(1, len(z)))
+        return SpaceOutputs(out["h"], out["logits"] * self.temperature, 1.0 / self.temperature,
+                            out["ood_logit"])
 
 
 def head_temperature(head) -> float:
@@ -367,7 +376,7 @@ class OODScorer:
         import torch
 
         with torch.no_grad():
-            return self.space.features(_as_tensor(z, self.device))
+            return self.space.outputs(_as_tensor(z, self.device)).features
 
     def fit(self, train: FeatureStore | np.ndarray | None = None, labels=None, *,
             batch_size: int = 65536) -> OODScorer:
@@ -404,22 +413,28 @@ class OODScorer:
 
     def score(self, z) -> dict[str, np.ndarray]:
         """All requested scores of raw embeddings ``z`` (N, D): ``{name: (N,) float64}``."""
-        return self.score_and_predict(z)[0]
+        return self._compute(z, predict=False)[0]
 
     def score_and_predict(self, z) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        """Scores as :meth:`score`, plus the classifier's predicted classes (or ``None``)."""
+        """Scores as :meth:`score`, plus the classifier's predicted classes (``None``
+        without a classifier)."""
+        return self._compute(z, predict=True)
+
+    def _compute(self, z, *, predict: bool):
         import torch
 
         out: dict[str, Any] = {}
         predictions = None
+        want_logits = self.has_classifier and (
+            predict or any(s in LOGIT_SCORES for s in self.scores))
         with torch.no_grad():
-            z = _as_tensor(z, self.device)
-            if self.has_classifier:
-                cosine, scale = self.space.cosine_logits(z)
+            space = self.space.outputs(_as_tensor(z, self.device), logits=want_logits,
+                                       ood="head" in self.scores)
+            if space.cosine is not None:
                 # float64 from here: softmax maxima of near-uniform MCM probabilities differ
                 # in the 5th digit, and float32 rounding would create spurious ties.
-                cosine = cosine.double()
-                logits = cosine * scale
+                cosine = space.cosine.double()
+                logits = cosine * space.logit_scale
                 predictions = cosine.argmax(dim=1).cpu().numpy()
                 fns = {"mcm": lambda: mcm_score(cosine, self.mcm_temperature),
                        "msp": lambda: msp_score(logits),
@@ -428,14 +443,12 @@ class OODScorer:
                 for name in self.scores:
                     if name in fns:
                         out[name] = fns[name]()
-            if "head" in self.scores:
-                out["head"] = self.space.ood_logit(z).reshape(-1)
-            if self.knn is not None or self.mahalanobis is not None:
-                feats = self.space.features(z)
-                if self.knn is not None:
-                    out["knn"] = self.knn.score(feats)
-                if self.mahalanobis is not None:
-                    out["mahalanobis"] = self.mahalanobis.score(feats)
+            if space.ood_logit is not None:
+                out["head"] = space.ood_logit.reshape(-1)
+            if self.knn is not None:
+                out["knn"] = self.knn.score(space.features)
+            if self.mahalanobis is not None:
+                out["mahalanobis"] = self.mahalanobis.score(space.features)
         scores = {name: np.asarray(_to_numpy(out[name]), dtype=np.float64)
                   for name in self.scores}
         return scores, predictions

@@ -44,8 +44,8 @@ def world(tmp_path, make_store, arrays):
 
 
 class ContractHead:
-    """A test double with the documented ``TrainedHead`` interface (project / logits /
-    ood_logit / config), so head-space scoring is testable with known weights.
+    """A test double with the ``TrainedHead`` interface (project / logits / ood_logit /
+    score / config), so head-space scoring is testable with known weights.
 
     ``project(z) = z @ A``; ``logits = cos(h, w_c) / temperature``; ``ood_logit = h @ v``.
     """
@@ -77,6 +77,9 @@ class ContractHead:
 
     def ood_logit(self, z):
         return self.project(z) @ self.v
+
+    def score(self, z, *, batch_size=65536):
+        return {"h": self.project(z), "logits": self.logits(z), "ood_logit": self.ood_logit(z)}
 
 
 @pytest.fixture
