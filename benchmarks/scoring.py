@@ -53,7 +53,8 @@ def bench_score(args, rng: np.random.Generator, workdir: Path) -> None:
         rows = store.chunk_slice(index)
         m = rows.stop - rows.start
         z, y = clustered(m, dim, centres, rng)
-        store.write_chunk(index, embeddings=z, labels=y, ids=np.array([f"img/{i:08d}.jpg" for i in range(rows.start, rows.stop)]))
+        ids = np.array([f"img/{i:08d}.jpg" for i in range(rows.start, rows.stop)])
+        store.write_chunk(index, embeddings=z, labels=y, ids=ids)
     store.set_array("text_embeddings", centres)
 
     t = time.perf_counter()
