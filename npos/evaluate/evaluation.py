@@ -1,0 +1,180 @@
+"""`evaluate`: OOD metrics of one ID test store against named OOD stores."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from npos.errors import ParameterError
+from npos.evaluate.batching import Shard, n_shard_batches, shard_batches
+from npos.evaluate.inputs import ScoringSetup, build_scorer, open_store
+from npos.evaluate.metrics import accuracy, average_metrics, ood_metrics
+from npos.store import FeatureStore
+
+#: The row key of the averaged metrics in every per-score table (not allowed as an OOD name).
+AVERAGE = "average"
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics and raw scores of one evaluation.
+
+    Attributes
+    ----------
+    id_accuracy : float or None
+        Top-1 accuracy of the classifier on labeled ID rows; ``None`` without labels or
+        without a classifier whose classes match the ID store's.
+    metrics : dict
+        ``{score: {ood_name: {"fpr95", "auroc", "aupr_in", "aupr_out"}, ..., "average": {...}}}``.
+    id_scores : dict of str to ndarray of shape (n_id,)
+    ood_scores : dict of str to dict of str to ndarray of shape (n_ood,)
+    settings : dict
+        Stores, head, scores and parameters (for the report).
+    """
+
+    id_accuracy: float | None
+    metrics: dict[str, dict[str, dict[str, float]]]
+    id_scores: dict[str, np.ndarray]
+    ood_scores: dict[str, dict[str, np.ndarray]]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``metrics.json`` document: ``{"id_accuracy": ..., "scores": metrics}``."""
+        return {"id_accuracy": self.id_accuracy, "scores": self.metrics}
+
+
+def parse_ood_specs(specs: Sequence[str]) -> dict[str, str]:
+    """``["sun=stores/sun.zarr", ...]`` -> ``{"sun": "stores/sun.zarr"}``, names validated."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, url = spec.partition("=")
+        name, url = name.strip(), url.strip()
+        if not sep or not name or not url:
+            raise ParameterError(f"--ood takes NAME=STORE; got {spec!r}")
+        if name == AVERAGE:
+            raise ParameterError(f"{AVERAGE!r} is reserved for the averaged row; rename that "
+                                 "OOD set")
+        if name in out:
+            raise ParameterError(f"OOD set {name!r} is given twice")
+        out[name] = url
+    if not out:
+        raise ParameterError("at least one OOD set is needed (--ood NAME=STORE)")
+    return out
+
+
+def score_rows(setup: ScoringSetup, store: FeatureStore, *, batch_size: int,
+                progress: bool = False, desc: str = "scoring",
+                ) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]:
+    """All readable rows of ``store`` through the scorer (one process).
+
+    Returns ``(scores, predictions, labels)``: ``{name: (n,)}``, predicted classes (n,) or
+    ``None``, and the rows' labels (n,).
+    """
+    from tqdm.auto import tqdm
+
+    parts: list[dict[str, np.ndarray]] = []
+    preds: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for batch in tqdm(shard_batches(store, batch_size, ("embeddings", "labels")),
+                      total=n_shard_batches(store, batch_size, Shard()), desc=desc,
+                      unit="batch", disable=not progress):
+        if not len(batch["row"]):
+            continue
+        scores, predictions = setup.scorer.score_and_predict(batch["embeddings"])
+        parts.append(scores)
+        labels.append(batch["labels"])
+        if predictions is not None:
+            preds.append(predictions)
+    if not parts:
+        raise ParameterError(f"store {store.url!r} has no readable rows to score")
+    scores = {name: np.concatenate([p[name] for p in parts]) for name in setup.scorer.scores}
+    return scores, (np.concatenate(preds) if preds else None), np.concatenate(labels)
+
+
+def _classifier_matches(setup: ScoringSetup, id_store: FeatureStore) -> bool:
+    """Accuracy is meaningful only when the classifier's classes are the ID store's labels."""
+    if setup.n_classes is None:
+        return False
+    id_names = id_store.class_names
+    if setup.class_names is not None and id_names is not None:
+        return list(setup.class_names) == list(id_names)
+    return id_names is None or len(id_names) == setup.n_classes
+
+
+def evaluate(
+    id_store: str | os.PathLike | FeatureStore,
+    ood_stores: Mapping[str, str | os.PathLike | FeatureStore],
+    *,
+    scores: str | Sequence[str] | None = None,
+    head=None,
+    train: str | os.PathLike | FeatureStore | None = None,
+    knn_k: int = 50,
+    knn_backend: str = "auto",
+    mcm_temperature: float = 1.0,
+    device: str = "auto",
+    batch_size: int = 65536,
+    progress: bool = False,
+) -> EvaluationResult:
+    """Score an ID test store and each OOD store; compute metrics per score and OOD set.
+
+    Parameters
+    ----------
+    id_store : path or FeatureStore
+        In-distribution test features.
+    ood_stores : mapping of str to path or FeatureStore
+        OOD set name -> store. Names become table rows; ``"average"`` is reserved.
+    scores : str or sequence of str, optional
+        E.g. ``"mcm,knn"``. Default: ``mcm`` when class logits exist (text embeddings or a
+        head), ``knn`` when ``train`` is given, ``head`` when a head is given.
+    head : path or TrainedHead, optional
+        Trained head: scores are computed in its projected space.
+    train : path or FeatureStore, optional
+        Train store: the bank of ``knn`` and the class statistics of ``mahalanobis``.
+    knn_k, knn_backend, mcm_temperature, device, batch_size
+        See :class:`npos.evaluate.OODScorer`; ``batch_size`` is in rows (rounded to chunks).
+    progress : bool
+        Show progress bars.
+
+    Returns
+    -------
+    EvaluationResult
+    """
+    if not ood_stores:
+        raise ParameterError("at least one OOD set is needed (--ood NAME=STORE)")
+    if AVERAGE in ood_stores:
+        raise ParameterError(f"{AVERAGE!r} is reserved for the averaged row; rename that OOD set")
+    id_fs = open_store(id_store)
+    ood_fs = {name: open_store(s) for name, s in ood_stores.items()}
+    setup = build_scorer({"ID store": id_fs, **{f"OOD store {n!r}": s for n, s in ood_fs.items()}},
+                         scores=scores, head=head, train=train, knn_k=knn_k,
+                         knn_backend=knn_backend, mcm_temperature=mcm_temperature,
+                         device=device, batch_size=batch_size)
+
+    id_scores, predictions, labels = score_rows(setup, id_fs, batch_size=batch_size,
+                                                 progress=progress, desc="ID")
+    id_accuracy = None
+    if predictions is not None and _classifier_matches(setup, id_fs):
+        id_accuracy = accuracy(predictions, labels)
+    ood_scores: dict[str, dict[str, np.ndarray]] = {name: {} for name in setup.scorer.scores}
+    for ood_name, fs in ood_fs.items():
+        scored, _, _ = score_rows(setup, fs, batch_size=batch_size, progress=progress,
+                                   desc=ood_name)
+        for name, values in scored.items():
+            ood_scores[name][ood_name] = values
+
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    for name in setup.scorer.scores:
+        per_set = {ood_name: ood_metrics(id_scores[name], values)
+                   for ood_name, values in ood_scores[name].items()}
+        metrics[name] = {**per_set, AVERAGE: average_metrics(per_set)}
+    settings = {"id": id_fs.url, "ood": {n: fs.url for n, fs in ood_fs.items()},
+                "model": id_fs.attrs.get("model"), "dim": id_fs.dim,
+                "rows": {"id": int(len(labels)),
+                         **{n: int(len(v)) for n, v in next(iter(ood_scores.values())).items()}},
+                **setup.settings()}
+    return EvaluationResult(id_accuracy=id_accuracy, metrics=metrics, id_scores=id_scores,
+                            ood_scores=ood_scores, settings=settings)

@@ -1,0 +1,168 @@
+"""Evaluation reports: ``metrics.json``, ``report.md`` and PNG plots, written atomically.
+
+Layout of ``REPORT_DIR``::
+
+    metrics.json        {"id_accuracy": f|null, "scores": {SCORE: {OOD: {fpr95, auroc,
+                         aupr_in, aupr_out}, ..., "average": {...}}}}   (fractions)
+    report.md           settings, the main table, one table per score (percent, 2 decimals)
+    plots/hist_SCORE.png  score histograms, ID against each OOD set
+    plots/roc_SCORE.png   ROC curves of every OOD set
+
+The folder is built in a temporary sibling and moved into place, so a failed run leaves
+nothing half-written and an existing report is only replaced with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from npos.evaluate.evaluation import AVERAGE, EvaluationResult
+from npos.evaluate.metrics import HIGHER_IS_BETTER, METRIC_KEYS, roc_curve
+from npos.evaluate.outputs import atomic_path, check_output
+
+METRIC_LABELS = {"fpr95": "FPR95", "auroc": "AUROC", "aupr_in": "AUPR-In",
+                 "aupr_out": "AUPR-Out"}
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def _arrow(key: str) -> str:
+    return "↑" if HIGHER_IS_BETTER[key] else "↓"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A pipe table with padded columns (reads well in a terminal too)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    def line(cells):
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":"
+                         for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def score_table(metrics: dict[str, dict[str, float]]) -> str:
+    """One score's table: OOD sets as rows (average last), the four metrics in percent."""
+    header = ["OOD set", *(f"{METRIC_LABELS[k]} {_arrow(k)}" for k in METRIC_KEYS)]
+    names = [n for n in metrics if n != AVERAGE] + [AVERAGE]
+    rows = [[f"**{n}**" if n == AVERAGE else n, *(_pct(metrics[n][k]) for k in METRIC_KEYS)]
+            for n in names]
+    return _markdown(header, rows)
+
+
+def main_table(result: EvaluationResult) -> str:
+    """Scores as rows; FPR95 and AUROC of every OOD set and their average (as the papers)."""
+    first = next(iter(result.metrics.values()))
+    sets = [n for n in first if n != AVERAGE] + [AVERAGE]
+    header = ["score"]
+    for n in sets:
+        header += [f"{n} FPR95 ↓", f"{n} AUROC ↑"]
+    rows = [[score, *(v for n in sets for v in (_pct(per[n]["fpr95"]), _pct(per[n]["auroc"])))]
+            for score, per in result.metrics.items()]
+    return _markdown(header, rows)
+
+
+def render_markdown(result: EvaluationResult) -> str:
+    """The text of ``report.md``."""
+    s = result.settings
+    lines = ["# OOD evaluation", ""]
+    lines += [f"- ID store: `{s.get('id')}` ({s.get('rows', {}).get('id')} rows)"]
+    for name, url in (s.get("ood") or {}).items():
+        lines.append(f"- OOD `{name}`: `{url}` ({s.get('rows', {}).get(name)} rows)")
+    lines += [f"- encoder: `{s.get('model')}`, dim {s.get('dim')}",
+              f"- space: {s.get('space')}" + (f" (head `{s['head']}`)" if s.get("head") else
+                                              " (zero-shot: class text embeddings)"),
+              f"- train store: `{s['train']}`" if s.get("train") else "- train store: none",
+              f"- scores: {', '.join(result.metrics)} (higher = more in-distribution)"]
+    if "mcm" in result.metrics:
+        lines.append(f"- MCM temperature: {s.get('mcm_temperature')}")
+    if "knn" in result.metrics:
+        used = s.get("knn_backend_used")
+        line = f"- kNN: K = {s.get('knn_k')}, backend {s.get('knn_backend')}" + \
+            (f" ({used})" if used and used != s.get("knn_backend") else "")
+        if s.get("knn_recall") is not None:
+            line += f", nprobe {s['knn_nprobe']}, measured recall@K {s['knn_recall']:.3f}"
+        lines.append(line)
+    acc = result.id_accuracy
+    lines += ["", "ID accuracy: " + (f"{_pct(acc)} %" if acc is not None else
+                                     "n/a (no labels, or no classifier over the ID classes)"),
+              "", "All numbers are percentages. FPR95: false-positive rate on OOD at 95 % "
+              "true-positive rate on ID (lower is better); AUROC, AUPR-In (ID positive), "
+              "AUPR-Out (OOD positive): higher is better.", "", "## Summary", "",
+              main_table(result), ""]
+    for score, per in result.metrics.items():
+        lines += [f"## {score}", "", score_table(per), "",
+                  f"![{score} histograms](plots/hist_{score}.png)",
+                  f"![{score} ROC](plots/roc_{score}.png)", ""]
+    return "\n".join(lines)
+
+
+def _plot_histograms(result: EvaluationResult, score: str, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    ood = result.ood_scores[score]
+    ncols = min(3, len(ood))
+    nrows = math.ceil(len(ood) / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    id_scores = result.id_scores[score]
+    for ax, (name, values) in zip(axes, ood.items()):
+        both = np.concatenate([id_scores, values])
+        lo, hi = float(both.min()), float(both.max())
+        bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 51)
+        # stepfilled: one patch per histogram instead of one per bar (several times faster)
+        for values_, label in ((id_scores, "ID"), (values, name)):
+            ax.hist(values_, bins=bins, density=True, alpha=0.55, label=label,
+                    histtype="stepfilled")
+        m = result.metrics[score][name]
+        ax.set_title(f"{name}: FPR95 {_pct(m['fpr95'])}, AUROC {_pct(m['auroc'])}",
+                     fontsize=9)
+        ax.set_xlabel(f"{score} score (higher = more ID)")
+        ax.legend(fontsize=8)
+    for ax in axes[len(ood):]:
+        ax.set_visible(False)
+    fig.savefig(path, dpi=100)
+
+
+def _plot_roc(result: EvaluationResult, score: str, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.8, 4.4), layout="constrained")
+    ax = fig.subplots()
+    for name, values in result.ood_scores[score].items():
+        fpr, tpr = roc_curve(result.id_scores[score], values)
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {_pct(result.metrics[score][name]['auroc'])})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.axhline(0.95, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("false-positive rate (OOD accepted)")
+    ax.set_ylabel("true-positive rate (ID accepted)")
+    ax.set_title(f"ROC — {score}")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.savefig(path, dpi=100)
+
+
+def check_report_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
+    """Refuse an existing report folder without ``overwrite`` (call before any work)."""
+    return check_output(out_dir, overwrite=overwrite, what="report folder")
+
+
+def write_report(result: EvaluationResult, out_dir: str | os.PathLike, *,
+                 overwrite: bool = False) -> Path:
+    """Write ``metrics.json``, ``report.md`` and the plots into ``out_dir`` atomically."""
+    with atomic_path(out_dir, overwrite=overwrite, directory=True,
+                     what="report folder") as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(result.to_json(), indent=2) + "\n",
+                                          encoding="utf-8")
+        (tmp / "report.md").write_text(render_markdown(result), encoding="utf-8")
+        plots = tmp / "plots"
+        plots.mkdir()
+        for score in result.metrics:
+            _plot_histograms(result, score, plots / f"hist_{score}.png")
+            _plot_roc(result, score, plots / f"roc_{score}.png")
+    return Path(out_dir)
