@@ -1,12 +1,44 @@
-"""`npos synthesize` (not built yet)."""
+"""`npos synthesize`: virtual outliers from a cached feature store, for tuning parameters."""
+
+from __future__ import annotations
 
 import click
 
-from npos.commands._common import not_available
+from npos.commands._synthesis_options import synthesis_config_from_options, synthesis_options
 
 
-@click.command("synthesize", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def command(args):
-    """Not available yet in this version of npos."""
-    not_available("synthesize")
+@click.command("synthesize")
+@click.argument("features")
+@click.option("--out", help="Output outliers store (directory or fsspec URL).")
+@synthesis_options
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the class banks and all noise.")
+@click.option("--device", default="auto", show_default=True,
+              help="Torch device for the engine: auto (cuda if available), cpu, cuda, cuda:1.")
+@click.option("--stats-only", is_flag=True, help="Print the summary; write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+def command(features, out, seed, device, stats_only, overwrite, **options) -> None:
+    """Synthesize virtual outliers from the labelled store FEATURES into --out.
+
+    Each class bank is a seeded sample of --queue rows of the class (classes with fewer rows
+    are reported and skipped). Prints, per class, quantiles of the K-th-NN distance of bank
+    points, boundary points and kept outliers, and the share of candidates that landed
+    farther out than their source point.
+    """
+    from npos.store import FeatureStore
+    from npos.synthesize.offline import check_output, synthesize_store, write_outliers
+
+    config = synthesis_config_from_options(options)
+    if not stats_only:
+        if not out:
+            raise click.UsageError("--out is required (or pass --stats-only)")
+        check_output(out, overwrite=overwrite)
+    source = FeatureStore.open(features)
+    offline = synthesize_store(source, config, queue=options["queue"], seed=seed, device=device)
+    for line in offline.format_summary():
+        click.echo(line)
+    if stats_only:
+        click.echo("--stats-only: nothing written")
+        return
+    store = write_outliers(offline, out, source=source, overwrite=overwrite)
+    click.echo(f"wrote {out}: {store.n_rows} outliers x {store.dim}")

@@ -1,0 +1,286 @@
+"""Offline synthesis over a cached feature store: class banks, a tuning summary, an outliers
+store. This is what ``npos synthesize`` runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from npos.errors import ParameterError, StoreError, StoreExistsError
+from npos.store import FeatureStore, store_exists
+from npos.synthesize._kth import DEFAULT_MEMORY_BUDGET
+from npos.synthesize.config import SynthesisConfig
+from npos.synthesize.engine import SynthesisResult, SynthesisStats, synthesize
+
+#: Attributes copied from the source store so that the outliers store has its fingerprint.
+CARRIED_ATTRS = ("model", "pretrained", "preprocess", "token_layer")
+QUANTILES = (0.1, 0.5, 0.9)
+
+
+@dataclass
+class ClassBanks:
+    """Per-class banks drawn from a flat, labelled bank.
+
+    Attributes
+    ----------
+    banks : Tensor of shape (R, Q, D)
+        float32 banks of the R classes with at least Q rows, ascending class id.
+    classes : Tensor of shape (R,)
+        Their class ids.
+    rows : Tensor of shape (R, Q)
+        Position of every bank point in the flat input.
+    counts : dict[int, int]
+        Rows per class id, for every labelled class.
+    skipped : dict[int, int]
+        Classes with fewer than Q rows, and their row counts.
+    """
+
+    banks: torch.Tensor
+    classes: torch.Tensor
+    rows: torch.Tensor
+    counts: dict[int, int]
+    skipped: dict[int, int]
+
+
+def class_banks(embeddings: torch.Tensor, labels: torch.Tensor, queue: int, *,
+                generator: torch.Generator, num_classes: int | None = None) -> ClassBanks:
+    """Stack a bank of ``queue`` rows per class from a flat bank with labels.
+
+    A class with more than ``queue`` rows gets a seeded random sample (the first ``queue``
+    entries of ``torch.randperm(n_c, generator=generator)``, drawn class by class in
+    ascending order, kept in input order); one with exactly ``queue`` rows gets them all;
+    one with fewer is skipped and reported. Rows labelled -1 are ignored.
+
+    Parameters
+    ----------
+    embeddings : Tensor of shape (N, D)
+    labels : Tensor of shape (N,)
+    queue : int
+        Q, the bank size per class.
+    generator : torch.Generator
+    num_classes : int, optional
+        C; default ``labels.max() + 1``.
+    """
+    if embeddings.dim() != 2 or labels.shape != embeddings.shape[:1]:
+        raise ParameterError(
+            f"embeddings (N, D) and labels (N,) must agree; got {tuple(embeddings.shape)} and "
+            f"{tuple(labels.shape)}")
+    labels = labels.to("cpu", torch.int64)
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1 if labels.numel() else 0
+    counts = torch.bincount(labels[labels >= 0], minlength=num_classes)
+    order = torch.argsort(labels, stable=True)
+    starts = torch.searchsorted(labels[order], torch.arange(num_classes))
+    chosen, classes, skipped = [], [], {}
+    for c in range(num_classes):
+        n = int(counts[c])
+        if n < queue:
+            skipped[c] = n
+            continue
+        members = order[int(starts[c]):int(starts[c]) + n]
+        if n > queue:
+            pick = torch.randperm(n, generator=generator, device=generator.device)[:queue]
+            members = members[pick.cpu().sort().values]
+        chosen.append(members)
+        classes.append(c)
+    dim = embeddings.shape[1]
+    if not chosen:
+        return ClassBanks(torch.empty((0, queue, dim)), torch.empty(0, dtype=torch.int64),
+                          torch.empty((0, queue), dtype=torch.int64),
+                          {c: int(n) for c, n in enumerate(counts)}, skipped)
+    rows = torch.stack(chosen)
+    return ClassBanks(embeddings[rows.to(embeddings.device)].float(),
+                      torch.tensor(classes, dtype=torch.int64), rows,
+                      {c: int(n) for c, n in enumerate(counts)}, skipped)
+
+
+@dataclass
+class OfflineSynthesis:
+    """Outliers synthesized from a store, with what is needed to summarize and write them.
+
+    ``result.labels`` and ``result.stats.classes`` hold real class ids (not bank positions).
+    """
+
+    result: SynthesisResult
+    banks: ClassBanks
+    config: SynthesisConfig
+    queue: int
+    seed: int
+    class_names: list[str]
+    source_ids: np.ndarray = field(repr=False)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per-class rows for tuning: quantiles (:data:`QUANTILES`) of the K-th-NN distance of
+        bank points, boundary points (``npos``) and kept outliers, and the outward ratio: the
+        share of candidates farther from their bank than the point they were drawn around
+        (``npos``, ``gaussian``). The first row, class ``None``, pools all classes."""
+        stats = self.result.stats
+        n_ready = stats.classes.numel()
+        q = torch.tensor(QUANTILES)
+        kept = self.result.knn_distance.view(n_ready, -1)
+        boundary = (stats.bank_distance.gather(1, stats.boundary)
+                    if stats.boundary is not None else None)
+        outward = None
+        if stats.sources is not None:
+            source_d = stats.bank_distance.gather(1, stats.sources).unsqueeze(-1)
+            outward = (stats.candidate_distance > source_d).flatten(1).float()
+
+        def row(c, sl):
+            return {
+                "class": c,
+                "name": "all" if c is None else self.class_names[c],
+                "rows": (sum(self.banks.counts[int(x)] for x in stats.classes) if c is None
+                         else self.banks.counts[c]),
+                "bank": torch.quantile(stats.bank_distance[sl].flatten(), q).tolist(),
+                "boundary": (torch.quantile(boundary[sl].flatten(), q).tolist()
+                             if boundary is not None else None),
+                "outliers": torch.quantile(kept[sl].flatten(), q).tolist(),
+                "outward": float(outward[sl].mean()) if outward is not None else None,
+            }
+
+        rows = [row(None, slice(None))]
+        rows += [row(int(c), slice(i, i + 1)) for i, c in enumerate(stats.classes)]
+        return rows
+
+    @property
+    def acceptance(self) -> float:
+        """Share of the candidates kept: keep / candidates (``npos``, ``vos``) or 1
+        (``gaussian``, which keeps every draw)."""
+        if self.config.method == "gaussian":
+            return 1.0
+        return self.config.keep / self.config.candidates
+
+    def format_summary(self) -> list[str]:
+        """The summary as text lines (what ``npos synthesize`` prints)."""
+        cfg = self.config
+        used = {"npos": ("k", "select", "pick", "candidates", "keep"),
+                "vos": ("k", "pick", "candidates", "keep"),
+                "gaussian": ("k", "pick", "keep")}[cfg.method]
+        params = " ".join(f"{name}={getattr(cfg, name)}" for name in used)
+        noise = f"noise={cfg.noise_space}"
+        if cfg.method != "vos":
+            noise += f" sigma={cfg.resolved_sigma:g}"
+        lines = [
+            f"{len(self.result)} outliers from {self.banks.classes.numel()} classes "
+            f"({cfg.method}: {params} {noise} queue={self.queue} seed={self.seed})",
+        ]
+        if self.banks.skipped:
+            listed = ", ".join(f"{self.class_names[c]} ({n})"
+                               for c, n in list(self.banks.skipped.items())[:20])
+            more = " ..." if len(self.banks.skipped) > 20 else ""
+            lines.append(f"skipped {len(self.banks.skipped)} classes with fewer than "
+                         f"{self.queue} rows: {listed}{more}")
+        lines.append(f"acceptance ratio: {self.acceptance:.4g} (share of candidates kept)")
+        header = "K-th-NN distance, quantiles " + "/".join(f"{int(x * 100)}%" for x in QUANTILES)
+        lines.append(header)
+        rows = self.summary()
+        width = max(5, *(len(r["name"]) for r in rows))
+        lines.append(f"{'class':<{width}} {'rows':>7}  {'bank':^20}  {'boundary':^20}  "
+                     f"{'outliers':^20}  outward")
+
+        def fmt(values):
+            return " ".join(f"{v:6.3f}" for v in values) if values is not None else f"{'-':^20}"
+
+        for r in rows:
+            outward = f"{r['outward']:7.3f}" if r["outward"] is not None else f"{'-':>7}"
+            lines.append(f"{r['name']:<{width}} {r['rows']:>7}  {fmt(r['bank'])}  "
+                         f"{fmt(r['boundary'])}  {fmt(r['outliers'])}  {outward}")
+        return lines
+
+
+def _resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queue: int = 1000,
+                     seed: int = 0, device=None,
+                     memory_budget: int = DEFAULT_MEMORY_BUDGET) -> OfflineSynthesis:
+    """Synthesize outliers from a labelled features store.
+
+    One ``torch.Generator(device).manual_seed(seed)`` first draws the class banks
+    (:func:`class_banks`), then the synthesis noise (:func:`~npos.synthesize.synthesize`).
+    Same store, parameters, seed and device type => same outliers.
+
+    Raises
+    ------
+    ParameterError
+        Invalid parameters (checked before reading the store), or no class with at least
+        ``queue`` rows.
+    StoreError
+        The store has no labelled rows.
+    """
+    if isinstance(queue, bool) or not isinstance(queue, int) or queue < 2:
+        raise ParameterError(
+            f"The 'queue' parameter must be an int in the range [2, inf). Got {queue!r} instead.")
+    config.validate(bank_size=queue)
+    if not isinstance(store, FeatureStore):
+        store = FeatureStore.open(store)
+    device = _resolve_device(device)
+    labels = torch.from_numpy(store.read("labels").astype(np.int64))
+    if not (labels >= 0).any():
+        raise StoreError(f"store {store.url!r} has no labelled rows; synthesis needs class labels")
+    names = store.class_names or [f"class{c}" for c in range(int(labels.max()) + 1)]
+    embeddings = store.read("embeddings", dtype="float32", as_torch=True)
+    generator = torch.Generator(device).manual_seed(seed)
+    banks = class_banks(embeddings, labels, queue, generator=generator, num_classes=len(names))
+    if banks.classes.numel() == 0:
+        largest = max(banks.counts.values(), default=0)
+        raise ParameterError(
+            f"no class of {store.url!r} has at least --queue={queue} rows (the largest has "
+            f"{largest}); lower --queue")
+    result = synthesize(banks.banks.to(device), config, generator=generator,
+                        memory_budget=memory_budget, return_stats=True)
+    # positions in the stacked banks -> class ids; everything back on the CPU
+    stats = result.stats
+    result = SynthesisResult(
+        result.outliers.cpu(), banks.classes[result.labels.cpu()], result.knn_distance.cpu(),
+        result.source_index.cpu(),
+        SynthesisStats(banks.classes, stats.bank_distance.cpu(), _cpu(stats.boundary),
+                       _cpu(stats.sources), stats.candidate_distance.cpu()))
+    return OfflineSynthesis(result, banks, config, queue, seed, names, store.read("ids"))
+
+
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.cpu()
+
+
+def check_output(out: str, *, overwrite: bool) -> None:
+    """Refuse an existing output before any work (``overwrite`` allows replacing it)."""
+    if store_exists(out) and not overwrite:
+        raise StoreExistsError(f"{out!r} already exists; pass --overwrite to replace it")
+
+
+def write_outliers(offline: OfflineSynthesis, out: str, *, source: FeatureStore,
+                   overwrite: bool = False, chunk_rows: int = 4096) -> FeatureStore:
+    """Write an outliers store: ``embeddings`` (M, D) float32, ``labels`` (source class),
+    ``knn_distance``, ``ids`` (the source row's id + ``#`` + outlier row; ``vos/<class>#row``
+    for ``vos``). Attributes: the source store's model/pretrained/preprocess/token_layer (same
+    fingerprint), ``synthesis`` (all parameters, queue, seed) and ``source`` (the store)."""
+    res = offline.result
+    m, dim = res.outliers.shape
+    bank_pos = torch.searchsorted(offline.banks.classes, res.labels)
+    src_rows = torch.where(
+        res.source_index >= 0,
+        offline.banks.rows[bank_pos, res.source_index.clamp_min(0)], -1).numpy()
+    ids = np.array([
+        f"{offline.source_ids[r]}#{i}" if r >= 0 else f"vos/{offline.class_names[c]}#{i}"
+        for i, (r, c) in enumerate(zip(src_rows.tolist(), res.labels.tolist()))])
+    attrs = {key: source.attrs[key] for key in CARRIED_ATTRS if key in source.attrs}
+    attrs["synthesis"] = {**offline.config.to_dict(), "queue": offline.queue,
+                          "seed": offline.seed}
+    attrs["seed"] = offline.seed
+    attrs["source"] = {"store": source.url, "n_rows": source.n_rows,
+                       "created": source.attrs.get("created")}
+    store = FeatureStore.create(out, n_rows=m, dim=dim, dtype="float32",
+                                chunk_rows=min(chunk_rows, m), kind="outliers",
+                                class_names=offline.class_names, attrs=attrs,
+                                overwrite=overwrite)
+    store.add_array("knn_distance", (), "float32")
+    store.write_all(embeddings=res.outliers.float().numpy(), labels=res.labels.numpy(),
+                    knn_distance=res.knn_distance.numpy(), ids=ids)
+    return store
