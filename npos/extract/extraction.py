@@ -37,10 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from npos.errors import IncompatibleStoreError, NposError, ParameterError, StoreError
+from npos.errors import (IncompatibleStoreError, NposError, ParameterError, StoreError,
+                         StoreExistsError)
 from npos.extract.datasets import (ImageDataset, ImageDecodeError, ImageSource,
                                    load_image_source, read_class_names, readable_class_names)
-from npos.extract.encoder import (DEFAULT_SEED, autocast, check_tokens_layer, create_encoder,
+from npos.extract.encoder import (DEFAULT_SEED, autocast, create_encoder,
                                   encode_image_tokens, image_preprocess_config, image_transform,
                                   resolve_device, resolve_weights)
 from npos.extract.text import DEFAULT_TEMPLATES, load_templates, text_embeddings, validate_templates
@@ -382,9 +383,6 @@ class FeatureExtractor:
         weights = resolve_weights(self.model, self.pretrained)
         clip = create_encoder(weights, seed=self.seed).to(device)
         preprocess = image_preprocess_config(clip)
-        if self.tokens_layer is not None:
-            check_tokens_layer(clip.visual, self.tokens_layer)
-
         image_shape = (3, *_pair(preprocess["size"]))
         with torch.inference_mode(), autocast(device):
             probe = torch.zeros((1, *image_shape), device=device)
@@ -408,7 +406,7 @@ class FeatureExtractor:
         if procs.rank == 0:
             try:
                 store = self._prepare_store(out, source, names, templates, dim, token_shape,
-                                            attrs, clip, procs)
+                                            attrs, clip)
                 setup = {"missing": store.missing_chunks()}
             except BaseException as exc:
                 procs.broadcast({"error": f"{type(exc).__name__} on rank 0: {exc}"})
@@ -433,8 +431,9 @@ class FeatureExtractor:
         self.store_ = store
         self.stats_ = stats
 
-    def _prepare_store(self, out, source, names, templates, dim, token_shape, attrs, clip,
-                       procs) -> FeatureStore:
+    def _prepare_store(self, out, source, names, templates, dim, token_shape, attrs,
+                       clip) -> FeatureStore:
+        _refuse_foreign_path(out)
         if store_exists(out) and not self.overwrite:
             existing = FeatureStore.open(out)
             # FeatureStore.create compares the identity attributes; these also decide values.
@@ -515,6 +514,16 @@ class FeatureExtractor:
             writer.close()  # chunks already queued are complete: write them even on error
             stats.seconds = time.perf_counter() - start
             stats.write_seconds = writer.seconds
+
+
+def _refuse_foreign_path(out: str) -> None:
+    # Creating a store empties the directory it lives in: never do that to a local file or a
+    # non-empty folder that is not a Zarr group, --overwrite or not.
+    if "://" in out or store_exists(out) or not os.path.exists(out):
+        return
+    if not os.path.isdir(out) or os.listdir(out):
+        raise StoreExistsError(f"{out!r} exists and is not a feature store; choose another "
+                               "--out (it will not be replaced)")
 
 
 def _pair(size) -> tuple[int, int]:

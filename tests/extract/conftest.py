@@ -143,3 +143,15 @@ def child():
         env = staticmethod(subprocess_env)
         npos = staticmethod(npos_command)
     return Child
+
+
+@pytest.fixture(scope="session")
+def base_store(tmp_path_factory):
+    """``(folder, store_url)``: one complete float32 store (chunk_rows 8) of a 3 x 6 image
+    folder, built once per session. Tests that change either copy them first."""
+    from npos.extract import extract_features
+
+    root = make_folder(tmp_path_factory.mktemp("base") / "data")
+    url = str(root.parent / "base.zarr")
+    extract_features(root, url, chunk_rows=8, **TINY)
+    return root, url
