@@ -120,14 +120,19 @@ def test_the_head_accepts_reembedded_stores_and_refuses_the_originals(run, token
     assert accuracy > 0.6
 
 
-def test_evaluate_runs_on_the_reembedded_stores(run, tmp_path):
+def test_evaluate_runs_on_the_reembedded_stores(run, token_stores):
     evaluation = pytest.importorskip("npos.evaluate")
     if not hasattr(evaluation, "evaluate"):
         pytest.skip("the evaluate stage is not in this checkout")
     result, _ = run
     report = evaluation.evaluate(result.stores["test"], {"grey": result.stores["ood"]},
                                  head=result.head_dir, scores="mcm,head", device="cpu")
-    assert report is not None
+    for score in ("mcm", "head"):
+        assert 0.0 <= report.metrics[score]["grey"]["auroc"] <= 1.0
+    assert report.id_accuracy is not None and report.id_accuracy > 0.6
+    with pytest.raises(IncompatibleStoreError, match="pretrained"):
+        evaluation.evaluate(token_stores["test"], {"grey": token_stores["ood"]},
+                            head=result.head_dir, device="cpu")
 
 
 def test_resume_fills_missing_chunks_without_training_again(run, token_stores, tmp_path):
