@@ -142,10 +142,12 @@ class TokenStream:
     batch_size : int
     window_rows : int, optional
         Rows shuffled together (rounded up to whole blocks); memory for the stream is about
-        two windows of float16 tokens. Default ``8 * batch_size``. Larger windows mix
-        classes better (stores of image folders are sorted by class).
+        one window plus ``prefetch`` batches of float16 tokens. Default ``8 * batch_size``.
+        Larger windows mix classes better (stores of image folders are sorted by class).
     prefetch : int
-        Windows read ahead on a background thread.
+        Batches prepared ahead on a background thread.
+    pin_memory : bool
+        Put batches in page-locked memory (faster, asynchronous copies to a CUDA device).
 
     Attributes
     ----------
@@ -156,7 +158,7 @@ class TokenStream:
     """
 
     def __init__(self, store, *, batch_size: int, window_rows: int | None = None,
-                 prefetch: int = 1) -> None:
+                 prefetch: int = 2, pin_memory: bool = False) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ParameterError(f"batch_size must be an int >= 1; got {batch_size!r}")
         window_rows = 8 * batch_size if window_rows is None else window_rows
@@ -166,6 +168,7 @@ class TokenStream:
         self.store = store
         self.batch_size = batch_size
         self.prefetch = prefetch
+        self.pin_memory = pin_memory
         self._tokens = store.array("tokens")
         self.block_rows = int(self._tokens.chunks[0])
         usable = _usable_rows(store, labeled=True)
@@ -180,36 +183,26 @@ class TokenStream:
     def steps_per_epoch(self) -> int:
         return math.ceil(self.n_rows / self.batch_size)
 
-    def _read_windows(self, order: Sequence[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for first in range(0, len(order), self.blocks_per_window):
-            tokens, labels = [], []
-            for b in order[first:first + self.blocks_per_window]:
-                start, rows = self._blocks[b]
-                block = np.asarray(self._tokens[start:start + self.block_rows])
-                tokens.append(block[rows] if rows.size < block.shape[0] else block)
-                labels.append(self._labels[start + rows])
-            yield np.concatenate(tokens), np.concatenate(labels)
+    def _windows(self, order: Sequence[int]) -> list[list[int]]:
+        return [list(order[i:i + self.blocks_per_window])
+                for i in range(0, len(order), self.blocks_per_window)]
 
-    def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One pass over the usable rows.
+    def _read_window(self, blocks: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        tokens, labels = [], []
+        for b in blocks:
+            start, rows = self._blocks[b]
+            block = np.asarray(self._tokens[start:start + self.block_rows])
+            tokens.append(block[rows] if rows.size < block.shape[0] else block)
+            labels.append(self._labels[start + rows])
+        return np.concatenate(tokens), np.concatenate(labels)
 
-        Parameters
-        ----------
-        generator : torch.Generator
-            CPU generator drawing the block order and the in-window permutations (all draws
-            happen on the calling thread, so the order is reproducible).
-
-        Yields
-        ------
-        tokens : Tensor of shape (B, T, W), float16, CPU
-        labels : Tensor of shape (B,), int64, CPU
-        """
-        order = torch.randperm(len(self._blocks), generator=generator).tolist()
+    def _produce(self, windows: list[list[int]],
+                 perms: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         carry_tokens: list[np.ndarray] = []
         carry_labels: list[np.ndarray] = []
         carried = 0
-        for tokens, labels in prefetched(self._read_windows(order), self.prefetch):
-            perm = torch.randperm(labels.shape[0], generator=generator).numpy()
+        for blocks, perm in zip(windows, perms):
+            tokens, labels = self._read_window(blocks)
             pos = 0
             while pos < perm.size:
                 take = perm[pos:pos + self.batch_size - carried]
@@ -223,11 +216,34 @@ class TokenStream:
         if carried:
             yield self._batch(carry_tokens, carry_labels)
 
-    @staticmethod
-    def _batch(tokens: list[np.ndarray], labels: list[np.ndarray]):
+    def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass over the usable rows.
+
+        The block order and every window's permutation are drawn from ``generator`` up
+        front, on the calling thread (so the order is reproducible); reading, permuting and
+        cutting batches then happen on a background thread, ``prefetch`` batches ahead.
+
+        Parameters
+        ----------
+        generator : torch.Generator
+            CPU generator.
+
+        Yields
+        ------
+        tokens : Tensor of shape (B, T, W), float16, CPU (pinned with ``pin_memory``)
+        labels : Tensor of shape (B,), int64, CPU
+        """
+        order = torch.randperm(len(self._blocks), generator=generator).tolist()
+        windows = self._windows(order)
+        perms = [torch.randperm(sum(self._blocks[b][1].size for b in blocks),
+                                generator=generator).numpy() for blocks in windows]
+        return prefetched(self._produce(windows, perms), self.prefetch)
+
+    def _batch(self, tokens: list[np.ndarray], labels: list[np.ndarray]):
         t = tokens[0] if len(tokens) == 1 else np.concatenate(tokens)
         y = labels[0] if len(labels) == 1 else np.concatenate(labels)
-        return torch.from_numpy(np.ascontiguousarray(t)), torch.from_numpy(y)
+        t = torch.from_numpy(np.ascontiguousarray(t))
+        return (t.pin_memory() if self.pin_memory else t), torch.from_numpy(y)
 
 
 def iter_token_blocks(store, chunks: Sequence[int], *,

@@ -431,7 +431,7 @@ def _train(store, data, tail, record, head_record, head_config, config, out, dev
     optimizer = _make_optimizer(groups, head_config)
     shuffle = torch.Generator().manual_seed(head_config.seed + 2)
     stream = TokenStream(store, batch_size=head_config.batch_size,
-                         window_rows=config.window_rows)
+                         window_rows=config.window_rows, pin_memory=device.type == "cuda")
 
     partial = out / PARTIAL_DIR
     history: list[dict[str, Any]] = []
