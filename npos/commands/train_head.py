@@ -1,12 +1,100 @@
-"""`npos train-head` (not built yet)."""
+"""`npos train-head`: projection + cosine classifier + OOD head with online synthesis."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
 
 import click
 
-from npos.commands._common import not_available
+from npos.commands._synthesis_options import synthesis_config_from_options, synthesis_options
 
 
-@click.command("train-head", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def command(args):
-    """Not available yet in this version of npos."""
-    not_available("train-head")
+def _default(name: str):
+    # HeadConfig is the one source of truth for defaults, read without importing torch.
+    from npos.train_head.config import HeadConfig
+
+    return {f.name: f.default for f in fields(HeadConfig)}[name]
+
+
+@click.command("train-head")
+@click.argument("features")
+@click.option("--out", required=True, help="Output head directory (model.safetensors + "
+              "config.json).")
+@click.option("--epochs", type=click.IntRange(min=1), default=_default("epochs"),
+              show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=_default("batch_size"),
+              show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_default("lr"),
+              show_default=True, help="Learning rate of projection and classifier (cosine "
+              "schedule to 0).")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default=_default("optimizer"),
+              show_default=True, help="SGD (with --momentum) or AdamW; both with "
+              "--weight-decay.")
+@click.option("--momentum", type=click.FloatRange(0, 1), default=_default("momentum"),
+              show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=_default("weight_decay"),
+              show_default=True)
+@click.option("--head-lr-scale", type=click.FloatRange(min=0, min_open=True),
+              default=_default("head_lr_scale"), show_default=True,
+              help="The OOD head's learning rate is --lr times this.")
+@click.option("--projection", type=click.Choice(["linear", "mlp"]),
+              default=_default("projection"), show_default=True,
+              help="D->D map, identity at init: linear, or a residual MLP.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True),
+              default=_default("temperature"), show_default=True,
+              help="Cosine-logit temperature (also LogitNorm's and CIDER's).")
+@click.option("--train-text", is_flag=True, default=_default("train_text"),
+              help="Tune the store's class text embeddings (fixed by default).")
+@click.option("--id-loss", type=click.Choice(["ce", "logitnorm", "cider", "none"]),
+              default=_default("id_loss"), show_default=True,
+              help="ID loss; none keeps the projection at identity and trains only the head.")
+@click.option("--head", type=click.Choice(["mlp", "rbf"]), default=_default("head"),
+              show_default=True, help="OOD head: the paper's ReLU MLP or the distance-shaped "
+              "RBF head.")
+@click.option("--head-hidden", type=click.IntRange(min=1), default=_default("head_hidden"),
+              show_default=True, help="Hidden width of the mlp head.")
+@click.option("--rbf-centres", type=click.IntRange(min=1), default=_default("rbf_centres"),
+              show_default=True, help="Learnable centres per class of the rbf head.")
+@click.option("--detach-head/--no-detach-head", default=_default("detach_head"),
+              show_default=True, help="Whether the head's loss stays out of the projection.")
+@click.option("--ood-weight", type=click.FloatRange(min=0), default=_default("ood_weight"),
+              show_default=True, help="Weight of the outlier loss; 0 disables synthesis.")
+@click.option("--start-epoch", type=click.IntRange(min=0), default=_default("start_epoch"),
+              show_default=True, help="First epoch (0-based) that synthesizes outliers.")
+@click.option("--synth-every", type=click.IntRange(min=1), default=_default("synth_every"),
+              show_default=True, help="Synthesize every N steps (in between: reuse).")
+@synthesis_options
+@click.option("--val", help="Labeled store (same encoder and classes): accuracy per epoch.")
+@click.option("--seed", type=click.IntRange(min=0), default=_default("seed"), show_default=True)
+@click.option("--device", default="auto", show_default=True,
+              help="cpu, cuda, cuda:1, ... (auto: cuda when available).")
+@click.option("--amp/--no-amp", default=_default("amp"), show_default=True,
+              help="bfloat16 autocast on CUDA (no effect on CPU).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last "
+              "finished epoch (OUT.partial/).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing head at --out.")
+def command(features: str, out: str, val: str | None, device: str, resume: bool,
+            overwrite: bool, **options) -> None:
+    """Train a projection, classifier and OOD head on the labeled store FEATURES.
+
+    Outliers are synthesized online from per-class queues of projected embeddings (the
+    synthesis options are those of 'npos synthesize'). Writes OUT/model.safetensors and
+    OUT/config.json.
+    """
+    import torch
+
+    from npos.train_head import HeadConfig, train_head
+
+    synthesis = synthesis_config_from_options(options)
+    names = {f.name for f in fields(HeadConfig)}
+    config = HeadConfig(**{k: v for k, v in options.items() if k in names},
+                        synthesis=synthesis)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = train_head(features, out, config, val=val, device=device, resume=resume,
+                        overwrite=overwrite, progress=sys.stderr.isatty(), log=click.echo)
+    last = result.history[-1]
+    click.echo(f"wrote {out}: {config.epochs} epochs, train accuracy {last['accuracy']:.4f}"
+               + (f", val accuracy {last['val_accuracy']:.4f}"
+                  if last["val_accuracy"] is not None else ""))

@@ -136,12 +136,9 @@ def resolve_weights(model: str, pretrained: str | None = None) -> Weights:
             f"hub ids name architecture and weights together: pass --model {pretrained} "
             "(and no --pretrained)")
     if model.startswith(HF_HUB_PREFIX):
-        if pretrained is not None and pretrained.lower() != "none":
+        if pretrained is not None:
             raise ParameterError(f"--pretrained is not used with {model!r}: the hub repository "
                                  "provides the weights")
-        if pretrained is not None:
-            raise ParameterError(f"{model!r} always loads its hub weights; --pretrained none "
-                                 "is not available for hub models")
         return Weights(model, None, model)
 
     known = open_clip.list_models()

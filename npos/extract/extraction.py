@@ -383,9 +383,8 @@ class FeatureExtractor:
         weights = resolve_weights(self.model, self.pretrained)
         clip = create_encoder(weights, seed=self.seed).to(device)
         preprocess = image_preprocess_config(clip)
-        image_shape = (3, *_pair(preprocess["size"]))
         with torch.inference_mode(), autocast(device):
-            probe = torch.zeros((1, *image_shape), device=device)
+            probe = torch.zeros((1, *_image_shape(preprocess)), device=device)
             if self.tokens_layer is None:
                 dim, token_shape = int(clip.encode_image(probe).shape[-1]), None
             else:
@@ -422,7 +421,7 @@ class FeatureExtractor:
         mine = setup["missing"][procs.rank::procs.world_size]
         stats = ExtractionStats(rank=procs.rank, world_size=procs.world_size)
         if mine:
-            self._encode(store, source, clip, image_shape, dim, token_shape, mine, procs, stats)
+            self._encode(store, source, clip, preprocess, dim, token_shape, mine, procs, stats)
         procs.barrier()
         if procs.rank == 0:
             failed = _failed_rows(store)
@@ -457,20 +456,18 @@ class FeatureExtractor:
                                                                names, templates))
         return store
 
-    def _encode(self, store, source, clip, image_shape, dim, token_shape, chunks, procs,
+    def _encode(self, store, source, clip, preprocess, dim, token_shape, chunks, procs,
                 stats) -> None:
         from tqdm.auto import tqdm
 
         device = procs.device
-        chunk_rows = store.chunk_rows
         batches = []
         for index in chunks:
             rows = store.chunk_slice(index)
             batches.extend(list(range(s, min(s + self.batch_size, rows.stop)))
                            for s in range(rows.start, rows.stop, self.batch_size))
         workers = self.workers if self.workers is not None else min(8, os.cpu_count() or 1)
-        dataset = ImageDataset(source, image_transform(image_preprocess_config(clip)),
-                               image_shape)
+        dataset = ImageDataset(source, image_transform(preprocess), _image_shape(preprocess))
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=batches, num_workers=workers,
             pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
@@ -480,40 +477,79 @@ class FeatureExtractor:
             else True
         bar = tqdm(total=total, unit="img", desc="extracting", disable=disable, smoothing=0.05)
         writer = _ChunkWriter(store)
-        buffer: _ChunkBuffer | None = None
+        assembler = _ChunkAssembler(store, source, dim, token_shape, writer, stats, bar)
+        pending: _BatchOutput | None = None
         start = time.perf_counter()
         try:
             for rows, images, reasons in loader:
-                first = int(rows[0])
-                if self.on_error == "fail":
-                    for row, reason in zip(rows.tolist(), reasons):
-                        if reason:
-                            raise ImageDecodeError(source.path(row), reason)
+                if self.on_error == "fail" and any(reasons):
+                    if pending is not None:  # it may complete a chunk: keep that chunk
+                        assembler.add(pending)
+                    row, reason = next((r, e) for r, e in zip(rows.tolist(), reasons) if e)
+                    raise ImageDecodeError(source.path(row), reason)
                 images = images.to(device, non_blocking=True)
                 with torch.inference_mode(), autocast(device):
                     if token_shape is None:
                         emb, tok = clip.encode_image(images), None
                     else:
                         emb, tok = encode_image_tokens(clip.visual, images, self.tokens_layer)
-                if buffer is None:
-                    index = first // chunk_rows
-                    buffer = _ChunkBuffer(index, store.chunk_slice(index), source, dim,
-                                          store.dtype, token_shape)
-                buffer.add(first, emb.float().cpu().numpy(),
-                           None if tok is None else tok.to(torch.float16).cpu().numpy(),
-                           reasons)
-                stats.rows += len(reasons)
-                stats.failed += sum(1 for r in reasons if r)
-                if buffer.complete:
-                    writer.put(buffer.index, buffer.arrays)
-                    stats.chunks += 1
-                    buffer = None
-                bar.update(len(reasons))
+                launched = _BatchOutput(int(rows[0]), reasons, emb, tok)
+                # Collect the previous batch only now, so the device already has this one
+                # queued while the host waits for the previous results.
+                if pending is not None:
+                    assembler.add(pending)
+                pending = launched
+            if pending is not None:
+                assembler.add(pending)
         finally:
             bar.close()
             writer.close()  # chunks already queued are complete: write them even on error
             stats.seconds = time.perf_counter() - start
             stats.write_seconds = writer.seconds
+
+
+class _BatchOutput:
+    """A batch's results on their way to the host (asynchronous copies on CUDA)."""
+
+    def __init__(self, first: int, reasons: Sequence[str], emb: torch.Tensor,
+                 tok: torch.Tensor | None) -> None:
+        self.first, self.reasons = first, list(reasons)
+        cuda = emb.device.type == "cuda"
+        self.emb = emb.float().to("cpu", non_blocking=cuda)
+        self.tok = None if tok is None else tok.to(torch.float16).to("cpu", non_blocking=cuda)
+        self._event = None
+        if cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def host(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self.emb.numpy(), None if self.tok is None else self.tok.numpy()
+
+
+class _ChunkAssembler:
+    """Collects batch outputs into chunk buffers and hands complete chunks to the writer."""
+
+    def __init__(self, store, source, dim, token_shape, writer, stats, bar) -> None:
+        self.store, self.source, self.dim, self.token_shape = store, source, dim, token_shape
+        self.writer, self.stats, self.bar = writer, stats, bar
+        self.buffer: _ChunkBuffer | None = None
+
+    def add(self, out: _BatchOutput) -> None:
+        emb, tok = out.host()
+        if self.buffer is None:
+            index = out.first // self.store.chunk_rows
+            self.buffer = _ChunkBuffer(index, self.store.chunk_slice(index), self.source,
+                                       self.dim, self.store.dtype, self.token_shape)
+        self.buffer.add(out.first, emb, tok, out.reasons)
+        self.stats.rows += len(out.reasons)
+        self.stats.failed += sum(1 for r in out.reasons if r)
+        if self.buffer.complete:
+            self.writer.put(self.buffer.index, self.buffer.arrays)
+            self.stats.chunks += 1
+            self.buffer = None
+        self.bar.update(len(out.reasons))
 
 
 def _refuse_foreign_path(out: str) -> None:
@@ -526,8 +562,11 @@ def _refuse_foreign_path(out: str) -> None:
                                "--out (it will not be replaced)")
 
 
-def _pair(size) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+def _image_shape(preprocess: dict[str, Any]) -> tuple[int, int, int]:
+    """(3, H, W) of the images the preprocessing makes."""
+    size = preprocess["size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    return 3, int(height), int(width)
 
 
 def _tokenizer(model: str):

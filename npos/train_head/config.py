@@ -1,0 +1,151 @@
+"""`HeadConfig`: every hyperparameter of a head training run, validated in one place.
+
+Kept free of torch so the command line can read its defaults cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from npos.errors import ParameterError
+from npos.synthesize.config import SynthesisConfig
+
+OPTIMIZERS = ("sgd", "adamw")
+PROJECTIONS = ("linear", "mlp")
+HEADS = ("mlp", "rbf")
+ID_LOSSES = ("ce", "logitnorm", "cider", "none")
+
+
+def _check(name: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ParameterError(f"The {name!r} parameter of train_head must be {expected}. "
+                             f"Got {value!r} instead.")
+
+
+def _check_int(name: str, value: Any, low: int, high: float = math.inf) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    upper = "inf)" if high == math.inf else f"{high}]"
+    _check(name, value, ok, f"an int in the range [{low}, {upper}")
+
+
+def _check_float(name: str, value: Any, low: float, *, low_open: bool,
+                 high: float = math.inf) -> None:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and value <= high)
+    left = "(" if low_open else "["
+    right = "inf)" if high == math.inf else f"{high}]"
+    _check(name, value, ok, f"a float in the range {left}{low}, {right}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    _check(name, value, value in choices, f"a str among {set(choices)}")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Every hyperparameter of a head training run (what ``config.json`` records).
+
+    Parameters
+    ----------
+    epochs, batch_size : int
+    lr : float
+        Learning rate of the projection and classifier; the OOD head uses
+        ``lr * head_lr_scale``. Follows a per-step cosine schedule down to 0.
+    optimizer : {"sgd", "adamw"}
+        SGD with ``momentum`` or AdamW; both with ``weight_decay``.
+    momentum, weight_decay, head_lr_scale : float
+    projection : {"linear", "mlp"}
+        The D→D map ``P`` (identity at init).
+    temperature : float
+        Cosine-logit temperature τ of the classifier (and of LogitNorm/CIDER).
+    train_text : bool
+        Learn the class text embeddings (fixed by default). Without text embeddings in the
+        store the classifier uses learned prototypes regardless.
+    id_loss : {"ce", "logitnorm", "cider", "none"}
+    head : {"mlp", "rbf"}
+        OOD head: the paper's ReLU MLP ``D -> head_hidden -> 1`` or the distance-shaped RBF.
+    head_hidden, rbf_centres : int
+        Hidden width of the MLP head; centres per class of the RBF head.
+    detach_head : bool
+        The OOD head sees ``h.detach()``, so its loss does not move the projection.
+    ood_weight : float
+        Weight λ of the outlier loss; 0 disables synthesis entirely (the ablation).
+    start_epoch : int
+        First epoch (0-based) that synthesizes outliers.
+    synth_every : int
+        Synthesize every this many steps; steps in between reuse the last outliers.
+    queue : int
+        Capacity Q of each class's ring buffer of projected embeddings.
+    synthesis : SynthesisConfig
+        The synthesis engine's parameters (``method``, ``k``, ``select``, ...).
+    seed : int
+        Seeds initialization, shuffling and synthesis: same seed, same CPU result.
+    amp : bool
+        bfloat16 autocast for the forward pass on CUDA (ignored on CPU).
+    """
+
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    head_lr_scale: float = 0.1
+    projection: str = "linear"
+    temperature: float = 0.1
+    train_text: bool = False
+    id_loss: str = "ce"
+    head: str = "rbf"
+    head_hidden: int = 32
+    rbf_centres: int = 4
+    detach_head: bool = True
+    ood_weight: float = 0.1
+    start_epoch: int = 0
+    synth_every: int = 1
+    queue: int = 1000
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    seed: int = 0
+    amp: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`~npos.errors.ParameterError` for the first invalid parameter."""
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_float("lr", self.lr, 0.0, low_open=True)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_float("momentum", self.momentum, 0.0, low_open=False, high=1.0)
+        _check_float("weight_decay", self.weight_decay, 0.0, low_open=False)
+        _check_float("head_lr_scale", self.head_lr_scale, 0.0, low_open=True)
+        _check_choice("projection", self.projection, PROJECTIONS)
+        _check_float("temperature", self.temperature, 0.0, low_open=True)
+        _check_choice("id_loss", self.id_loss, ID_LOSSES)
+        _check_choice("head", self.head, HEADS)
+        _check_int("head_hidden", self.head_hidden, 1)
+        _check_int("rbf_centres", self.rbf_centres, 1)
+        _check_float("ood_weight", self.ood_weight, 0.0, low_open=False)
+        _check_int("start_epoch", self.start_epoch, 0, self.epochs - 1)
+        _check_int("synth_every", self.synth_every, 1)
+        _check_int("queue", self.queue, 2)
+        _check_int("seed", self.seed, 0)
+        if self.ood_weight > 0:
+            # The engine validates its own parameters against the bank size (the queue).
+            self.synthesis.validate(self.queue)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (``synthesis`` nested, with its ``resolved_sigma``)."""
+        return {**dataclasses.asdict(self), "synthesis": self.synthesis.to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> HeadConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored (e.g. a full config.json)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in names}
+        if isinstance(kwargs.get("synthesis"), Mapping):
+            synth_names = {f.name for f in dataclasses.fields(SynthesisConfig)}
+            kwargs["synthesis"] = SynthesisConfig(
+                **{k: v for k, v in kwargs["synthesis"].items() if k in synth_names})
+        return cls(**kwargs)

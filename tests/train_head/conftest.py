@@ -1,0 +1,20 @@
+"""Fixtures of the train-head tests: a small generated feature world written as stores."""
+
+from __future__ import annotations
+
+import pytest
+
+from npos.train_head.benchmark_data import make_feature_world, write_world
+
+
+@pytest.fixture(scope="session")
+def world():
+    """8 ID classes (150 train / 60 test rows each), 4 held-out classes, D=64."""
+    return make_feature_world(n_classes=8, n_heldout=4, dim=64, subspace=12, n_train=150,
+                              n_test=60, seed=0)
+
+
+@pytest.fixture(scope="session")
+def world_stores(world, tmp_path_factory):
+    """The world as stores: {"train", "test", "ood/held-out", "ood/off-manifold"} -> url."""
+    return write_world(world, tmp_path_factory.mktemp("world"), chunk_rows=256)
