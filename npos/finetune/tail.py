@@ -19,6 +19,7 @@ State-dict keys keep open_clip's names (``visual.transformer.resblocks.10.attn.i
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import tempfile
@@ -31,7 +32,7 @@ from torch import nn
 
 from npos.errors import NposError
 from npos.extract.encoder import (Weights, check_tokens_layer, create_encoder, encode_tokens_tail,
-                                  file_sha256, num_blocks)
+                                  num_blocks)
 
 TAIL_FORMAT = "npos.tail/1"
 TAIL_FILE = "tail.safetensors"
@@ -143,11 +144,17 @@ def tuned_pretrained(base: str, tail_sha256: str) -> str:
 
 
 # ---------------------------------------------------------------------------- files
-def _atomic_write(path: Path, write) -> None:
+def _sha256(data: bytes) -> str:
+    # Not npos.extract.file_sha256: it caches by (path, size, mtime), and a tail rewritten in
+    # place (resume, overwrite) has the same size and possibly the same mtime.
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
     try:
-        write(tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -177,20 +184,19 @@ def save_tail(tail: VisionTail, out_dir: str | os.PathLike,
     dict
         The description as written.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
-               for k, v in tail.state_dict().items()}
-    _atomic_write(out / TAIL_FILE, lambda tmp: save_file(tensors, tmp))
-    sha256 = file_sha256(out / TAIL_FILE)
+    data = save({k: v.detach().to("cpu", torch.float32).contiguous()
+                 for k, v in tail.state_dict().items()})
+    _atomic_write(out / TAIL_FILE, data)
+    sha256 = _sha256(data)
     fingerprint = {**record["base_fingerprint"],
                    "pretrained": tuned_pretrained(record["pretrained"], sha256)}
     config = {"format": TAIL_FORMAT, **record, "token_layer": tail.layer,
               "n_blocks": tail.n_blocks, "sha256": sha256, "fingerprint": fingerprint}
-    _atomic_write(out / TAIL_CONFIG, lambda tmp: Path(tmp).write_text(
-        json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+    _atomic_write(out / TAIL_CONFIG, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
     return config
 
 
@@ -208,7 +214,7 @@ def read_tail_config(out_dir: str | os.PathLike) -> dict[str, Any]:
     if config.get("format") != TAIL_FORMAT:
         raise TailError(f"{str(desc)!r} is not an npos tail description (format="
                         f"{config.get('format')!r}, expected {TAIL_FORMAT!r})")
-    if config.get("sha256") != file_sha256(weights):
+    if config.get("sha256") != _sha256(weights.read_bytes()):
         raise TailError(f"{str(weights)!r} does not match {str(desc)!r} (sha256 differs): "
                         "the directory holds parts of different runs")
     return config
