@@ -22,7 +22,6 @@ re-embedded stores with the head and refuses the original stores with it.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import math
@@ -38,7 +37,7 @@ import torch
 from torch.nn import functional as F
 
 from npos import __version__
-from npos.errors import IncompatibleStoreError, NposError, ParameterError, StoreError
+from npos.errors import IncompatibleStoreError, ParameterError
 from npos.extract.encoder import DEFAULT_SEED, create_encoder, resolve_device, resolve_weights
 from npos.finetune.embedding import embed_store, embedded_attrs
 from npos.finetune.tail import (TAIL_CONFIG, TAIL_FILE, TailError, VisionTail, load_tail_weights,
@@ -47,7 +46,8 @@ from npos.finetune.tokens import TokenSpec, TokenStream, check_same_tokens, toke
 from npos.store import FeatureStore
 from npos.train_head import HeadConfig, HeadModel, HeadObjective, run_epoch
 from npos.train_head.checkpoint import (FORMAT as HEAD_FORMAT, CheckpointError,
-                                        read_checkpoint_dir, write_checkpoint_dir)
+                                        CheckpointExistsError, read_checkpoint_dir,
+                                        write_checkpoint_dir)
 from npos.train_head.training import (_load_optimizer_state, _optimizer_state, cosine_lr,
                                       load_labeled)
 
@@ -91,9 +91,6 @@ class FinetuneConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ParameterError(f"The {name!r} parameter of finetune must be an int in "
                                      f"the range [1, inf). Got {value!r} instead.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -309,8 +306,6 @@ def finetune(train_store: str, out_dir: str, *, model: str, pretrained: str | No
     -------
     FinetuneResult
     """
-    from tqdm.auto import tqdm
-
     head_config = head_config or HeadConfig()
     config = config or FinetuneConfig()
     head_config.validate()
@@ -339,8 +334,8 @@ def finetune(train_store: str, out_dir: str, *, model: str, pretrained: str | No
     existing = [p for p in _outputs(out, embed) if p.exists()]
     if existing and not (overwrite or resume):
         shown = ", ".join(repr(str(p)) for p in existing[:4])
-        raise NposError(f"{shown} already exist(s); pass --overwrite to replace, or --resume "
-                        "to continue an interrupted run")
+        raise CheckpointExistsError(f"{shown} already exist(s); pass --overwrite to replace, or "
+                                    "--resume to continue an interrupted run")
     data = load_labeled(store)
     num_classes = len(data.class_names)
     counts = torch.bincount(data.y, minlength=num_classes)
@@ -369,7 +364,10 @@ def finetune(train_store: str, out_dir: str, *, model: str, pretrained: str | No
         "quick_gelu": weights.quick_gelu, "seed_init": seed_attr,
         "token_shape": list(spec.shape), "preprocess": store.attrs.get("preprocess"),
         "dim": store.dim, "train_store": store.url, "base_fingerprint": store.fingerprint(),
-        "head_config": head_config.to_dict(), "finetune": config.to_dict(),
+        # What decides the trained weights; embed_batch_size does not, so a resumed run may
+        # change it.
+        "head_config": head_config.to_dict(),
+        "finetune": {"tail_lr_scale": config.tail_lr_scale, "window_rows": config.window_rows},
         "token_layer": spec.layer,
     }
     head_record = {
@@ -400,7 +398,7 @@ def finetune(train_store: str, out_dir: str, *, model: str, pretrained: str | No
     else:
         tail_config, history, first_epoch = _train(
             store, data, tail, record, head_record, head_config, config, out, device,
-            resume=resume, progress=progress, say=say, tqdm=tqdm)
+            resume=resume, progress=progress, say=say)
 
     # ---- re-embedding
     stores: dict[str, str] = {}
@@ -417,10 +415,14 @@ def finetune(train_store: str, out_dir: str, *, model: str, pretrained: str | No
     return FinetuneResult(str(out), tail_config, str(head_dir), stores, history, first_epoch)
 
 
-def _train(store, data, tail, record, head_record, head_config, config, out, device, *,
-           resume, progress, say, tqdm):
+def _train(store: FeatureStore, data, tail: VisionTail, record: dict[str, Any],
+           head_record: dict[str, Any], head_config: HeadConfig, config: FinetuneConfig,
+           out: Path, device: torch.device, *, resume: bool, progress: bool | None,
+           say: Callable[[str], None]) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
     """The training loop of :func:`finetune`; writes tail and head. Returns the tail's
     description, the history and the number of epochs done before this run."""
+    from tqdm.auto import tqdm
+
     model, means = build_head(data, head_config)
     tail.to(device).train()
     model.to(device)

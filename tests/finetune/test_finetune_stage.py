@@ -176,7 +176,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(token_stores, head_config
         finetune(token_stores["train"], str(tmp_path / "cut"), **kwargs)
     assert (tmp_path / "cut" / "train.partial").is_dir()
     assert not (tmp_path / "cut" / "tail.safetensors").exists()
-    with pytest.raises(NposError, match="pass --overwrite to replace, or --resume"):
+    with pytest.raises(FileExistsError, match="pass --overwrite to replace, or --resume"):
         finetune(token_stores["train"], str(tmp_path / "cut"), **kwargs)
     monkeypatch.setattr(training, "run_epoch", real)
     resumed = finetune(token_stores["train"], str(tmp_path / "cut"), resume=True, **kwargs)
@@ -195,7 +195,7 @@ def test_existing_outputs_need_overwrite(run, token_stores, head_config, tmp_pat
     (out / "test.zarr").mkdir(parents=True)
     kwargs = dict(model="npos-tiny", head_config=head_config(epochs=1), device="cpu",
                   embed={"test": token_stores["test"]})
-    with pytest.raises(NposError, match=r"test.zarr' already exist"):
+    with pytest.raises(FileExistsError, match=r"test.zarr' already exist"):
         finetune(token_stores["train"], str(out), **kwargs)
     done = finetune(token_stores["train"], str(out), overwrite=True, **kwargs)
     assert FeatureStore.open(done.stores["test"]).verify() == []
