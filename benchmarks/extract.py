@@ -1,0 +1,143 @@
+"""Benchmark of `npos extract`: the whole pipeline against the encoder alone.
+
+Measures, in one run on one machine:
+
+* **encoder only**: images/s of ``encode_image`` on pre-decoded, preprocessed tensors that
+  already sit on the device (up to 2048 images in batches of ``--batch-size``, autocast on
+  CUDA as in extraction, embeddings copied back to the host);
+* **pipeline**: images/s of :class:`npos.extract.FeatureExtractor` on an image folder
+  (decode + preprocess in DataLoader workers, encode, assemble chunks, write the store), timed
+  over its encoding loop, and the end-to-end wall time including encoder creation;
+* **store-write share**: time the writer thread spent writing chunks / loop time (writes
+  overlap with encoding, so this is an upper bound of what writing costs the run).
+
+The two are measured alternately ``--repeat`` times and the best of each is reported, so
+both see the same machine. Prints the ratio pipeline / encoder-only. Goals (issue 3): on a GPU the ratio is >= 0.9
+(the data path is never the bottleneck); on a CPU the write share is <= 5 %.
+
+Examples::
+
+    python benchmarks/extract.py                                  # npos-tiny, 2048 images
+    python benchmarks/extract.py --model ViT-B-32 --pretrained none --images 256
+    python benchmarks/extract.py --data /path/to/imagenet/val --images 50000 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from npos.extract import FeatureExtractor, load_encoder  # noqa: E402
+from npos.extract.datasets import decode_image, load_image_source  # noqa: E402
+from npos.extract.encoder import autocast, resolve_device  # noqa: E402
+
+
+def make_images(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:
+    """``n`` JPEGs that compress like photos (smooth, upsampled noise), 10 class folders."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    for i in range(n):
+        folder = root / f"class{i % 10:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((width, height), Image.BILINEAR).save(
+            folder / f"img{i:06d}.jpg", quality=90)
+
+
+def decoded_batches(preprocess, paths, batch_size, device) -> list[torch.Tensor]:
+    """The preprocessed images, batched and already on the device."""
+    batches = []
+    for start in range(0, len(paths), batch_size):
+        batch = [preprocess(decode_image(p)) for p in paths[start:start + batch_size]]
+        batches.append(torch.stack(batch).to(device))
+    return batches
+
+
+def encoder_only(model, batches, device) -> float:
+    """images/s of encode_image on preprocessed tensors resident on the device."""
+    with torch.inference_mode(), autocast(device):
+        model.encode_image(batches[0])  # warm-up (kernel selection, allocator)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for batch in batches:
+            model.encode_image(batch).float().cpu()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="Image folder to use (default: generated JPEGs)")
+    parser.add_argument("--images", type=int, default=2048, help="Images to generate / use")
+    parser.add_argument("--size", default="500x375", help="Generated image size WxH")
+    parser.add_argument("--model", default="npos-tiny")
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--chunk-rows", type=int, default=1024)
+    parser.add_argument("--tokens-layer", type=int, default=None)
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeat", type=int, default=3, help="Repeats of each measurement")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    work = Path(tempfile.mkdtemp(prefix="npos-bench-extract-"))
+    try:
+        if args.data:
+            data = Path(args.data)
+        else:
+            data = work / "data"
+            make_images(data, args.images, tuple(int(v) for v in args.size.split("x")))
+        source = load_image_source(data)
+        paths = [source.path(i) for i in range(min(len(source), args.images))]
+        model, preprocess, _ = load_encoder(args.model, args.pretrained, device=device)
+        # At most 2048 resident images: enough for a steady rate, small enough for any GPU.
+        batches = decoded_batches(preprocess, paths[:2048], args.batch_size, device)
+
+        # Alternate the two measurements so that both see the same machine (other load,
+        # clocks); report the best of each.
+        enc, runs = 0.0, []
+        for _ in range(args.repeat):
+            enc = max(enc, encoder_only(model, batches, device))
+            start = time.perf_counter()
+            extractor = FeatureExtractor(
+                model=args.model, pretrained=args.pretrained, batch_size=args.batch_size,
+                workers=args.workers, device=args.device, dtype=args.dtype,
+                tokens_layer=args.tokens_layer, chunk_rows=args.chunk_rows, overwrite=True,
+                progress=False).run(data, str(work / "store"))
+            runs.append((extractor.stats_, time.perf_counter() - start))
+        stats, wall = max(runs, key=lambda r: r[0].images_per_second)
+        write_share = stats.write_seconds / stats.seconds
+
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+            f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+        print(f"device: {name}; model {args.model} (pretrained={args.pretrained}); "
+              f"{stats.rows} images; batch {args.batch_size}; workers {args.workers}; "
+              f"chunk_rows {args.chunk_rows}; tokens_layer {args.tokens_layer}; "
+              f"load average {os.getloadavg()[0]:.1f}")
+        print(f"encoder only (pre-decoded tensors on {device.type}): {enc:9.1f} images/s")
+        print(f"pipeline (decode+encode+write loop):        {stats.images_per_second:9.1f} "
+              f"images/s   (end-to-end incl. model creation: {stats.rows / wall:.1f} images/s)")
+        print(f"ratio pipeline / encoder only:              {stats.images_per_second / enc:9.3f}")
+        print(f"store writing: {stats.write_seconds:.2f} s of a {stats.seconds:.2f} s loop = "
+              f"{100 * write_share:.1f} % ({stats.chunks} chunks)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
