@@ -18,7 +18,9 @@ Variants (every one trained with the same seeds, epochs and synthesis sizes):
 * ``gaussian``/``vos`` — the controls of the synthesis engine (rbf head);
 * ``no-detach`` — the head's gradient flows into the projection;
 * ``raw-noise`` — noise on raw embeddings (``--noise-space raw``, the paper's sigma 0.1);
-* ``head-only`` — ``--id-loss none``: projection kept at identity, only the head trains.
+* ``head-only`` — ``--id-loss none``: projection kept at identity, only the head trains;
+* ``pick-1`` — 2 outliers per class and step instead of 6 (``--pick 1``);
+* ``sigma-0.1`` — ``sphere`` noise with sigma 0.1 instead of the default 0.01.
 
 Scores (higher = more ID): ``head`` (the OOD head's logit), ``mcm`` (max softmax of the
 cosine logits at T=1, as in MCM), ``knn`` (minus the distance to the K-th nearest
@@ -59,10 +61,10 @@ KNN_K = 10
 # Per dataset: the world of a benchmark and the base config its variants start from. The
 # synthesis sizes follow the paper's ratios to the queue (K = 0.4 Q, select = 0.3 Q).
 BASE = {
-    "world": HeadConfig(epochs=20, batch_size=256, queue=300, start_epoch=5,
+    "world": HeadConfig(epochs=20, batch_size=256, queue=300,
                         synthesis=SynthesisConfig(k=120, select=90, pick=3, candidates=200,
                                                   keep=2)),
-    "digits": HeadConfig(epochs=40, batch_size=128, queue=100, start_epoch=10,
+    "digits": HeadConfig(epochs=40, batch_size=128, queue=100,
                          synthesis=SynthesisConfig(k=40, select=30, pick=3, candidates=200,
                                                    keep=2)),
 }
@@ -77,6 +79,8 @@ VARIANTS: dict[str, dict | None] = {
     "no-detach": {"head": "rbf", "detach_head": False},
     "raw-noise": {"head": "rbf", "synthesis.noise_space": "raw"},
     "head-only": {"head": "rbf", "id_loss": "none"},
+    "pick-1": {"head": "rbf", "synthesis.pick": 1},
+    "sigma-0.1": {"head": "rbf", "synthesis.sigma": 0.1},
 }
 
 

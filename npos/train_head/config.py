@@ -94,14 +94,14 @@ class HeadConfig:
     optimizer: str = "adamw"
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    head_lr_scale: float = 0.1
+    head_lr_scale: float = 10.0
     projection: str = "linear"
     temperature: float = 0.1
     train_text: bool = False
     id_loss: str = "ce"
     head: str = "rbf"
     head_hidden: int = 32
-    rbf_centres: int = 4
+    rbf_centres: int = 16
     detach_head: bool = True
     ood_weight: float = 0.1
     start_epoch: int = 0

@@ -157,10 +157,14 @@ class RbfHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N,) logit, higher = closer to a centre = more in-distribution."""
-        hn = F.normalize(h, dim=-1)
-        mu = self.centres
-        d2 = (hn.pow(2).sum(-1, keepdim=True) + mu.pow(2).sum(-1) - 2 * hn @ mu.T).clamp_min(0)
-        return torch.logsumexp(-d2 / (2 * torch.exp(2 * self.log_width)), dim=-1) + self.bias
+        # Always float32: ‖a‖² + ‖b‖² - 2a·b cancels badly in bfloat16 under autocast.
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            hn = F.normalize(h.float(), dim=-1)
+            mu = self.centres.float()
+            d2 = (hn.pow(2).sum(-1, keepdim=True) + mu.pow(2).sum(-1)
+                  - 2 * hn @ mu.T).clamp_min(0)
+            return (torch.logsumexp(-d2 / (2 * torch.exp(2 * self.log_width)), dim=-1)
+                    + self.bias)
 
 
 class HeadModel(nn.Module):

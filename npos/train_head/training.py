@@ -102,6 +102,7 @@ class HeadObjective:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.outliers: torch.Tensor | None = None
         self.steps = 0
+        self._queues_full = False
         self.timings = {"queue": 0.0, "synthesis": 0.0}
         if config.id_loss == "none":
             self.model.projection.requires_grad_(False)
@@ -131,15 +132,19 @@ class HeadObjective:
         return loss
 
     def _maybe_synthesize(self, epoch: int) -> bool:
-        due = (epoch >= self.config.start_epoch and self.steps % self.config.synth_every == 0
-               and self.queues.all_ready())
-        if not due:
+        if epoch < self.config.start_epoch or self.steps % self.config.synth_every:
+            return False
+        # Queues never empty again once full: stop asking (each ask syncs a GPU).
+        self._queues_full = self._queues_full or self.queues.all_ready()
+        if not self._queues_full:
             return False
         if self.profile:
             _sync(self.device)
         start = time.perf_counter()
-        result = synthesize(self.queues.banks, self.config.synthesis, ready=self.queues.ready,
-                            generator=self.generator)
+        # Nearest-neighbour ranks need float32: keep autocast's bfloat16 out of synthesis.
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            result = synthesize(self.queues.banks, self.config.synthesis,
+                                ready=self.queues.ready, generator=self.generator)
         self.outliers = result.outliers
         if self.profile:
             _sync(self.device)
@@ -246,7 +251,7 @@ def run_epoch(objective: HeadObjective, batches: Iterable[tuple[torch.Tensor, to
         Embeddings and labels on the objective's device. ``z`` may come from any
         differentiable producer whose parameters are in ``optimizer``.
     optimizer : torch.optim.Optimizer
-        Its groups carry ``base_lr``; each step sets ``lr = base_lr * lr_at(step) / lr_at(0)``.
+        Every group carries ``base_lr``; each step sets ``lr = base_lr * lr_at(step)``.
     epoch : int
     lr_at : callable
         Global step -> learning-rate factor (e.g. a cosine schedule).

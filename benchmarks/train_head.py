@@ -1,0 +1,137 @@
+"""Epoch time of head training on an ImageNet-100-shaped cache, with and without synthesis.
+
+The cache is generated (:func:`npos.train_head.benchmark_data.make_feature_world`) with the
+shape of CLIP ViT-B/16 features of ImageNet-100: 100 classes x ~1260 rows, D=512. Training
+runs the real objective and loop (:class:`~npos.train_head.HeadObjective`,
+:func:`~npos.train_head.run_epoch`) with the paper's synthesis sizes (Q=1000, K=400,
+select=300, pick=3, candidates=1500, keep=2). The per-class queues are filled from the data
+before timing (in a real run that happens during the first ~Q/rows-per-class of an epoch),
+then ``--steps`` steps are timed and the epoch time is extrapolated to
+``ceil(rows / batch)`` steps. Where the time goes is split into the queue push, the
+synthesis call and the rest of the step (forward, backward, optimizer, batch gather).
+
+Modes (same data, same model, same steps):
+
+* ``no-synthesis``  — ``--ood-weight 0`` (the baseline of the ratios);
+* ``every-step``    — synthesis every step (the paper);
+* ``every-10``      — ``--synth-every 10``;
+* ``cand-300``      — every step with 300 candidates instead of 1500.
+
+On a small CPU box, scale down with ``--classes`` (rows per class and the synthesis sizes
+stay those of ImageNet-100; epoch time and synthesis cost are both linear in the classes).
+
+Usage::
+
+    python benchmarks/train_head.py                              # full shape
+    python benchmarks/train_head.py --classes 10 --steps 5       # 2-core CPU box
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import platform
+import time
+
+import torch
+from torch.nn import functional as F
+
+from npos.synthesize import SynthesisConfig
+from npos.train_head import HeadConfig, HeadModel, HeadObjective, run_epoch
+from npos.train_head.benchmark_data import make_feature_world
+
+PAPER = SynthesisConfig(k=400, select=300, pick=3, candidates=1500, keep=2)
+MODES = {
+    "no-synthesis": {"ood_weight": 0.0},
+    "every-step": {},
+    "every-10": {"synth_every": 10},
+    "cand-300": {"synthesis": dataclasses.replace(PAPER, candidates=300)},
+}
+
+
+def time_mode(z, y, text, config: HeadConfig, steps: int, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = HeadModel(text, head=config.head).to(device)
+    if config.head == "rbf":
+        model.head.init_from_data(z[:20000], y[:20000], generator=torch.Generator().manual_seed(0))
+    means = F.normalize(torch.zeros_like(text).index_add_(0, y, F.normalize(z, dim=1)), dim=1)
+    objective = HeadObjective(model, config, cider_prototypes=means, device=device, profile=True)
+    optimizer = torch.optim.AdamW(objective.parameter_groups(config.lr))
+    if objective.queues is not None:
+        for c in range(text.shape[0]):  # fill the queues as the first part of an epoch would
+            rows = torch.nonzero(y == c).squeeze(1)[:config.queue]
+            objective.queues.push(z[rows].to(device), y[rows].to(device))
+    order = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(0))
+    z_dev, y_dev = z.to(device), y.to(device)
+
+    def batches(count):
+        for i in range(count):
+            idx = order[i * config.batch_size:(i + 1) * config.batch_size].to(device)
+            yield z_dev[idx], y_dev[idx]
+
+    run_epoch(objective, batches(2), optimizer, epoch=0, lr_at=lambda s: 1.0, first_step=0)
+    # Time whole synthesis periods: the window starts on a synthesis step.
+    steps = math.ceil(steps / config.synth_every) * config.synth_every
+    objective.timings = {"queue": 0.0, "synthesis": 0.0}
+    objective.steps = 0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    run_epoch(objective, batches(steps), optimizer, epoch=0, lr_at=lambda s: 1.0, first_step=2)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    total = time.perf_counter() - started
+    per_step = {k: v / steps for k, v in objective.timings.items()}
+    per_step["rest"] = total / steps - sum(per_step.values())
+    per_step["total"] = total / steps
+    return per_step
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--rows-per-class", type=int, default=1260)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10,
+                        help="timed steps per mode (rounded up to whole --synth-every periods)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    world = make_feature_world(n_classes=args.classes, n_heldout=1, dim=args.dim,
+                               subspace=32, n_train=args.rows_per_class, n_test=1, seed=0)
+    z = torch.from_numpy(world.train)
+    y = torch.from_numpy(world.train_labels).long()
+    text = torch.from_numpy(world.text_embeddings)
+    rows = z.shape[0]
+    steps_per_epoch = math.ceil(rows / args.batch_size)
+    base = HeadConfig(batch_size=args.batch_size, queue=1000, synthesis=PAPER)
+    print(f"cache {rows} x {args.dim}, {args.classes} classes, batch {args.batch_size} "
+          f"({steps_per_epoch} steps/epoch); device {device}, "
+          f"{torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}")
+    results = {}
+    for mode in args.modes:
+        config = dataclasses.replace(base, **MODES[mode])
+        results[mode] = time_mode(z, y, text, config, args.steps, device)
+        r = results[mode]
+        print(f"{mode:13s} step {1000 * r['total']:8.1f} ms  (synthesis {1000 * r['synthesis']:8.1f}"
+              f", queue {1000 * r['queue']:6.2f}, rest {1000 * r['rest']:6.2f})  "
+              f"epoch {r['total'] * steps_per_epoch:8.1f} s", flush=True)
+    if "no-synthesis" in results:
+        baseline = results["no-synthesis"]["total"]
+        print("\n| mode | ms/step | synthesis ms | queue ms | rest ms | epoch s | vs no-synthesis |")
+        print("|---|---|---|---|---|---|---|")
+        for mode, r in results.items():
+            print(f"| {mode} | {1000 * r['total']:.1f} | {1000 * r['synthesis']:.1f} | "
+                  f"{1000 * r['queue']:.2f} | {1000 * r['rest']:.2f} | "
+                  f"{r['total'] * steps_per_epoch:.1f} | {r['total'] / baseline:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
