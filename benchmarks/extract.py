@@ -12,8 +12,9 @@ Measures, in one run on one machine:
   overlap with encoding, so this is an upper bound of what writing costs the run).
 
 The two are measured alternately ``--repeat`` times and the best of each is reported, so
-both see the same machine. Prints the ratio pipeline / encoder-only. Goals (issue 3): on a GPU the ratio is >= 0.9
-(the data path is never the bottleneck); on a CPU the write share is <= 5 %.
+both see the same machine. Prints the ratio pipeline / encoder-only. Goals (issue 3): on a
+GPU the ratio is >= 0.9 (the data path is never the bottleneck); on a CPU the write share is
+<= 5 %.
 
 Examples::
 

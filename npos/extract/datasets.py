@@ -34,6 +34,7 @@ import hashlib
 import os
 import stat
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +146,7 @@ def read_classes_file(path: str | os.PathLike) -> list[str]:
     keys = [line for line in lines if line and not line.startswith("#")]
     if not keys:
         raise DataError(f"classes file {str(path)!r} lists no classes")
-    dup = sorted({k for k in keys if keys.count(k) > 1})
+    dup = [key for key, count in Counter(keys).items() if count > 1]
     if dup:
         raise DataError(f"classes file {str(path)!r} lists {dup[0]!r} more than once")
     return keys

@@ -105,8 +105,8 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 def file_sha256(path: str | os.PathLike) -> str:
     """``sha256:<hex>`` of a file's bytes."""
     path = os.path.abspath(path)
-    stat = os.stat(path)
-    return "sha256:" + _file_sha256(path, stat.st_size, stat.st_mtime_ns)
+    info = os.stat(path)
+    return "sha256:" + _file_sha256(path, info.st_size, info.st_mtime_ns)
 
 
 def _clean_tag(tag: str) -> str:

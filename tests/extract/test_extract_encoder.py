@@ -48,6 +48,8 @@ def test_resolve_weights_rules(tmp_path):
         resolve_weights("ViT-B-32", str(tmp_path / "missing.pt"))
     hub = resolve_weights("hf-hub:org/repo")
     assert hub.checkpoint is None and hub.identity == "hf-hub:org/repo"
+    with pytest.raises(ParameterError, match="--pretrained is not used with 'hf-hub:org/repo'"):
+        resolve_weights("hf-hub:org/repo", "none")
     # OpenAI weights were trained with QuickGELU; the plain config must be built with it.
     openai = resolve_weights("ViT-B-16", "openai")
     assert openai.identity == "openai" and openai.quick_gelu

@@ -208,3 +208,11 @@ def test_cli_extract(messy_folder, tmp_path):
     assert result.exit_code == 2 and "say which weights" in result.output
     result = runner.invoke(cli, [*args, "--on-error", "fail", "--overwrite"])
     assert result.exit_code == 2 and "cannot read image" in result.output
+
+
+def test_token_chunks_divide_store_chunks():
+    from npos.extract.extraction import _token_chunk_rows
+
+    assert _token_chunk_rows(4096, 197 * 768 * 2) == 128  # ViT-B/16: 39 MB per token chunk
+    assert _token_chunk_rows(1000, 8) == 1000
+    assert _token_chunk_rows(7, 10**9) == 1
