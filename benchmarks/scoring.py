@@ -62,7 +62,7 @@ def bench_score(args, rng: np.random.Generator, workdir: Path) -> None:
         pass
     read_s = time.perf_counter() - t
     print(f"\n## npos score: {n} rows x {dim} (float16 store, {args.classes} classes)")
-    print(f"| run | seconds | rows/s | vs read |\n|---|---:|---:|---:|")
+    print("| run | seconds | rows/s | vs read |\n|---|---:|---:|---:|")
     print(f"| read only (baseline) | {read_s:.2f} | {n / read_s:,.0f} | 1.00 |")
 
     runs = [("mcm (zero-shot)", dict(scores="mcm"), ".zarr"),

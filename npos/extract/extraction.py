@@ -37,8 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from npos.errors import (IncompatibleStoreError, NposError, ParameterError, StoreError,
-                         StoreExistsError)
+from npos.errors import (IncompatibleStoreError, NposError, ParameterError, StoreError)
 from npos.extract.datasets import (ImageDataset, ImageDecodeError, ImageSource,
                                    load_image_source, read_class_names, readable_class_names)
 from npos.extract.encoder import (DEFAULT_SEED, autocast, create_encoder,
@@ -432,7 +431,6 @@ class FeatureExtractor:
 
     def _prepare_store(self, out, source, names, templates, dim, token_shape, attrs,
                        clip) -> FeatureStore:
-        _refuse_foreign_path(out)
         if store_exists(out) and not self.overwrite:
             existing = FeatureStore.open(out)
             # FeatureStore.create compares the identity attributes; these also decide values.
@@ -550,16 +548,6 @@ class _ChunkAssembler:
             self.stats.chunks += 1
             self.buffer = None
         self.bar.update(len(out.reasons))
-
-
-def _refuse_foreign_path(out: str) -> None:
-    # Creating a store empties the directory it lives in: never do that to a local file or a
-    # non-empty folder that is not a Zarr group, --overwrite or not.
-    if "://" in out or store_exists(out) or not os.path.exists(out):
-        return
-    if not os.path.isdir(out) or os.listdir(out):
-        raise StoreExistsError(f"{out!r} exists and is not a feature store; choose another "
-                               "--out (it will not be replaced)")
 
 
 def _image_shape(preprocess: dict[str, Any]) -> tuple[int, int, int]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -38,8 +39,9 @@ SCHEMA = "npos.features/1"
 KINDS = ("features", "outliers", "scores")
 EMBEDDING_DTYPES = ("float16", "float32")
 #: Attributes that identify the encoder and preprocessing behind a store. Two stores (or a
-#: store and a checkpoint) are comparable only when these agree.
-IDENTITY_KEYS = ("model", "pretrained", "preprocess", "dim")
+#: store and a checkpoint) are comparable only when these agree. ``seed`` is the seed of a
+#: random-init encoder (None for trained weights).
+IDENTITY_KEYS = ("model", "pretrained", "seed", "preprocess", "dim")
 #: Row-aligned arrays every store has.
 CORE_ARRAYS = ("embeddings", "labels", "ids", "done")
 DEFAULT_CHUNK_ROWS = 4096
@@ -61,6 +63,22 @@ def store_exists(url: str) -> bool:
     return True
 
 
+def _refuse_foreign_path(url: str) -> None:
+    """Creating a store empties its location: never do that to something that is not an
+    npos store (a file, a non-empty folder, another Zarr group), ``overwrite`` or not."""
+    if store_exists(url):
+        schema = dict(_open_group(url, "r").attrs).get("schema")
+        if schema != SCHEMA:
+            raise StoreExistsError(f"{url!r} is a Zarr group but not an npos store; it will "
+                                   "not be replaced (choose another output)")
+        return
+    if "://" in url or not os.path.exists(url):
+        return
+    if not os.path.isdir(url) or os.listdir(url):
+        raise StoreExistsError(f"{url!r} exists and is not a feature store; it will not be "
+                               "replaced (choose another output)")
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -69,6 +87,11 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _is_string(dtype: Any) -> bool:
+    return dtype is str or isinstance(dtype, np.dtypes.StringDType) or \
+        np.dtype(dtype).kind in "OUT"
 
 
 def _describe_mismatch(key: str, stored: Any, wanted: Any) -> str:
@@ -95,7 +118,7 @@ class FeatureStore:
             raise StoreError(
                 f"{self.url!r} is not an npos store (schema={attrs.get('schema')!r}, "
                 f"expected {SCHEMA!r})")
-        self._done_cache: np.ndarray | None = None
+        self._arrays: dict[str, zarr.Array] = {}
 
     # ------------------------------------------------------------------ creation / opening
     @classmethod
@@ -153,6 +176,7 @@ class FeatureStore:
         attrs = _jsonable(dict(attrs or {}))
         class_names = list(class_names) if class_names is not None else None
 
+        _refuse_foreign_path(str(url))
         if store_exists(url) and not overwrite:
             if not resume:
                 raise StoreExistsError(
@@ -259,13 +283,20 @@ class FeatureStore:
 
     def has(self, name: str) -> bool:
         """True when the store holds an array called ``name``."""
-        return name in set(self._group.array_keys())
+        return name in self._arrays or name in set(self._group.array_keys())
+
+    def _array(self, name: str) -> zarr.Array:
+        # Listing a group costs a store round trip per call (slow on object stores), so
+        # array handles are cached; arrays are only ever added, or replaced via set_array.
+        if name not in self._arrays:
+            if not self.has(name):
+                raise StoreError(f"store {self.url!r} has no array {name!r}")
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
 
     def array(self, name: str) -> zarr.Array:
         """The underlying zarr array (for advanced, read-only use)."""
-        if not self.has(name):
-            raise StoreError(f"store {self.url!r} has no array {name!r}")
-        return self._group[name]
+        return self._array(name)
 
     # ------------------------------------------------------------------ chunks
     def chunk_slice(self, index: int) -> slice:
@@ -277,7 +308,7 @@ class FeatureStore:
 
     def done_mask(self) -> np.ndarray:
         """Boolean mask of completed chunks, shape (n_chunks,)."""
-        return np.asarray(self._group["done"][:], dtype=bool)
+        return np.asarray(self._array("done")[:], dtype=bool)
 
     def missing_chunks(self) -> list[int]:
         """Indices of chunks not yet marked done."""
@@ -308,15 +339,19 @@ class FeatureStore:
         shape = (self.n_rows, *map(int, row_shape))
         if self.has(name):
             existing = self._group[name]
-            if tuple(existing.shape) != shape or str(existing.dtype) != str(np.dtype(dtype)):
+            same_dtype = (_is_string(existing.dtype) and _is_string(dtype)) or \
+                (not _is_string(dtype) and existing.dtype == np.dtype(dtype))
+            if tuple(existing.shape) != shape or not same_dtype:
                 raise IncompatibleStoreError(
                     f"store {self.url!r} already has {name!r} with shape "
                     f"{tuple(existing.shape)} and dtype {existing.dtype}; wanted {shape} {dtype}")
             return existing
         if fill_value is None and np.dtype(dtype).kind == "f":
             fill_value = float("nan")
-        return self._group.create_array(name, shape=shape, chunks=(chunk_rows, *shape[1:]),
-                                        dtype=dtype, fill_value=fill_value)
+        self._arrays[name] = self._group.create_array(
+            name, shape=shape, chunks=(chunk_rows, *shape[1:]), dtype=dtype,
+            fill_value=fill_value)
+        return self._arrays[name]
 
     def set_array(self, name: str, data: np.ndarray) -> None:
         """Write a whole non-row array such as ``text_embeddings`` (C, D) in one go."""
@@ -324,6 +359,7 @@ class FeatureStore:
         data = np.asarray(data)
         if self.has(name):
             del self._group[name]
+            self._arrays.pop(name, None)
         arr = self._group.create_array(name, shape=data.shape, dtype=data.dtype,
                                        chunks=data.shape or None)
         arr[...] = data
@@ -340,15 +376,12 @@ class FeatureStore:
         if "embeddings" not in arrays:
             raise ParameterError("write_chunk needs 'embeddings'")
         for name, data in arrays.items():
-            if not self.has(name):
-                raise StoreError(f"store {self.url!r} has no array {name!r}; add it first")
             data = np.asarray(data)
             if data.shape[:1] != (n,):
                 raise ParameterError(
                     f"chunk {index} covers {n} rows but {name!r} has shape {data.shape}")
-            self._group[name][rows] = data
-        self._group["done"][index] = True
-        self._done_cache = None
+            self._array(name)[rows] = data
+        self._array("done")[index] = True
 
     def write_all(self, *, progress: bool = False, **arrays: np.ndarray) -> None:
         """Write whole arrays (N rows each) chunk by chunk; convenient for derived stores."""

@@ -197,3 +197,27 @@ def test_import_validation(tmp_path, rng):
     with pytest.raises(FileNotFoundError, match="embeddings file not found"):
         import_embeddings(tmp_path / "nope.npy", str(tmp_path / "c.zarr"))
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
+
+
+def test_create_never_replaces_foreign_paths(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "keep.jpg").write_bytes(b"x")
+    with pytest.raises(StoreExistsError, match="exists and is not a feature store"):
+        _create(folder, overwrite=True)
+    assert (folder / "keep.jpg").exists()
+    import zarr
+
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["x"] = 1
+    with pytest.raises(StoreExistsError, match="not an npos store"):
+        _create(tmp_path / "other.zarr", overwrite=True)
+    assert dict(zarr.open_group(str(tmp_path / "other.zarr"), mode="r").attrs) == {"x": 1}
+    (tmp_path / "empty").mkdir()
+    assert _create(tmp_path / "empty").n_rows == 200  # an empty folder is fine
+
+
+def test_string_array_reopened(tmp_path):
+    store = _create(tmp_path / "s.zarr")
+    store.add_array("error", (), str)
+    again = FeatureStore.open(str(tmp_path / "s.zarr"), mode="r+")
+    assert again.add_array("error", (), str).shape == (200,)
