@@ -10,13 +10,14 @@ import numpy as np
 import torch
 
 from npos.errors import ParameterError, StoreError, StoreExistsError
-from npos.store import FeatureStore, store_exists
+from npos.store import IDENTITY_KEYS, FeatureStore, store_exists
 from npos.synthesize._kth import DEFAULT_MEMORY_BUDGET
 from npos.synthesize.config import SynthesisConfig
 from npos.synthesize.engine import SynthesisResult, SynthesisStats, synthesize
 
 #: Attributes copied from the source store so that the outliers store has its fingerprint.
-CARRIED_ATTRS = ("model", "pretrained", "preprocess", "token_layer")
+#: The source's identity (so fingerprints match) and token layer travel to the outliers store.
+CARRIED_ATTRS = (*IDENTITY_KEYS, "token_layer")
 QUANTILES = (0.1, 0.5, 0.9)
 
 
@@ -273,7 +274,6 @@ def write_outliers(offline: OfflineSynthesis, out: str, *, source: FeatureStore,
     attrs = {key: source.attrs[key] for key in CARRIED_ATTRS if key in source.attrs}
     attrs["synthesis"] = {**offline.config.to_dict(), "queue": offline.queue,
                           "seed": offline.seed}
-    attrs["seed"] = offline.seed
     attrs["source"] = {"store": source.url, "n_rows": source.n_rows,
                        "created": source.attrs.get("created")}
     store = FeatureStore.create(out, n_rows=m, dim=dim, dtype="float32",

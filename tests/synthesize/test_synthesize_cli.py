@@ -48,7 +48,7 @@ def test_command_writes_outliers_store(features, tmp_path):
     src, store = FeatureStore.open(features), FeatureStore.open(out)
     assert store.kind == "outliers" and store.n_rows == 4 * 3 * 2
     src.check_compatible(store.fingerprint(), what="outliers store")
-    assert store.attrs["token_layer"] == 10 and store.attrs["seed"] == 3
+    assert store.attrs["token_layer"] == 10 and store.attrs["synthesis"]["seed"] == 3
     assert store.attrs["synthesis"] == {**SynthesisConfig(k=10, select=30, candidates=100)
                                         .to_dict(), "queue": 100, "seed": 3}
     assert store.class_names == NAMES and store.has("knn_distance")
