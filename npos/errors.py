@@ -26,6 +26,11 @@ class StoreExistsError(StoreError, FileExistsError):
     """A store already exists where a new one would be written (pass ``overwrite``)."""
 
 
+class OutputExistsError(NposError, FileExistsError):
+    """An output (report folder, score file, checkpoint) exists and ``overwrite`` was not
+    given."""
+
+
 class IncompatibleStoreError(StoreError):
     """Stores (or a store and a checkpoint) come from different encoders or settings."""
 

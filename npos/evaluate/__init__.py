@@ -10,11 +10,11 @@ metric (see :mod:`npos.evaluate.metrics`).
 * :func:`score_store` — ``npos score``.
 """
 
+from npos.errors import OutputExistsError
 from npos.evaluate.batch import ScoreSummary, score_store
 from npos.evaluate.evaluation import EvaluationResult, evaluate, parse_ood_specs
 from npos.evaluate.metrics import METRIC_KEYS, accuracy, average_metrics, fpr_at_tpr, \
     ood_metrics, roc_curve
-from npos.evaluate.outputs import OutputExistsError
 from npos.evaluate.report import check_report_dir, main_table, write_report
 from npos.evaluate.scores import SCORE_NAMES, KNNScore, MahalanobisScore, OODScorer, \
     energy_score, maxlogit_score, mcm_score, msp_score

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from npos.errors import MissingDependencyError, ParameterError
+from npos.atomic import atomic_path, check_output
+from npos.errors import MissingDependencyError, OutputExistsError, ParameterError
 from npos.evaluate.batching import Distributed, Shard, n_shard_batches, shard_batches
 from npos.evaluate.inputs import build_scorer, open_store
-from npos.evaluate.outputs import OutputExistsError, atomic_path, check_output
 from npos.store import FeatureStore, store_exists
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".zarr": "zarr"}

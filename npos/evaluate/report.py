@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from npos.atomic import atomic_path, check_output
 from npos.evaluate.evaluation import AVERAGE, EvaluationResult
 from npos.evaluate.metrics import HIGHER_IS_BETTER, METRIC_KEYS, roc_curve
-from npos.evaluate.outputs import atomic_path, check_output
 
 METRIC_LABELS = {"fpr95": "FPR95", "auroc": "AUROC", "aupr_in": "AUPR-In",
                  "aupr_out": "AUPR-Out"}

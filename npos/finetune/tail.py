@@ -22,7 +22,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from npos.atomic import atomic_path
 from npos.errors import NposError
 from npos.extract.encoder import (Weights, check_tokens_layer, create_encoder, encode_tokens_tail,
                                   num_blocks)
@@ -151,14 +151,8 @@ def _sha256(data: bytes) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path, overwrite=True, directory=False, what="file") as tmp:
+        tmp.write_bytes(data)
 
 
 def save_tail(tail: VisionTail, out_dir: str | os.PathLike,

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from npos.atomic import atomic_path
 from npos.errors import NposError
 from npos.train_head.model import HeadModel
 
@@ -45,22 +44,10 @@ def write_checkpoint_dir(path: str | os.PathLike, tensors: Mapping[str, torch.Te
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_path(path, overwrite=True, directory=True, what="checkpoint") as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                   str(tmp / MODEL_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        if path.exists():
-            # rename() cannot replace a non-empty directory: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def read_checkpoint_dir(path: str | os.PathLike, *, device: str | torch.device = "cpu",

@@ -1,4 +1,8 @@
-"""Atomic output helpers shared by reports and batch scoring."""
+"""Atomic outputs: every file or folder npos writes outside a store appears whole or not at all.
+
+Used by reports, score files, head checkpoints and fine-tuned tails. The new output is
+written to a temporary sibling (same file system) and moved into place with ``os.replace``.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from npos.errors import NposError
-
-
-class OutputExistsError(NposError, FileExistsError):
-    """An output (report folder, score file) exists and ``overwrite`` was not given."""
+from npos.errors import OutputExistsError
 
 
 def check_output(path: str | os.PathLike, *, overwrite: bool, what: str) -> Path:
