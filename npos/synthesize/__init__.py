@@ -6,13 +6,30 @@ backends and per-class ring buffers for online use.
 >>> queues.push(h.detach(), y)
 >>> out = synthesize(queues.banks, SynthesisConfig(), ready=queues.ready,
 ...                  generator=torch.Generator().manual_seed(0))
+
+The configuration names load at once; the torch-backed names load on first use, so the CLI
+(whose options come from :mod:`npos.synthesize.config`) starts without importing torch.
 """
 
-from npos.synthesize.config import BACKENDS, DEFAULT_SIGMA, METHODS, NOISE_SPACES, SynthesisConfig
-from npos.synthesize.engine import SynthesisResult, SynthesisStats, synthesize
-from npos.synthesize.knn import KnnIndex, knn_kth_distance
-from npos.synthesize.queues import ClassQueues
+from importlib import import_module
 
-__all__ = ["BACKENDS", "DEFAULT_SIGMA", "METHODS", "NOISE_SPACES", "ClassQueues", "KnnIndex",
-           "SynthesisConfig", "SynthesisResult", "SynthesisStats", "knn_kth_distance",
-           "synthesize"]
+from npos.synthesize.config import BACKENDS, DEFAULT_SIGMA, METHODS, NOISE_SPACES, SynthesisConfig
+
+_LAZY = {
+    "SynthesisResult": "npos.synthesize.engine",
+    "SynthesisStats": "npos.synthesize.engine",
+    "synthesize": "npos.synthesize.engine",
+    "KnnIndex": "npos.synthesize.knn",
+    "knn_kth_distance": "npos.synthesize.knn",
+    "ClassQueues": "npos.synthesize.queues",
+}
+
+__all__ = ["BACKENDS", "DEFAULT_SIGMA", "METHODS", "NOISE_SPACES", "SynthesisConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -91,9 +91,9 @@ class SynthesisResult:
         int64 source class.
     knn_distance : Tensor of shape (M,)
         float32 K-th-NN distance of each outlier to its class bank (normalized vectors).
-    source_index : Tensor of shape (M,)
+    source_index : Tensor of shape (M,) or None
         int64 position, in its class bank, of the point the outlier was drawn around
-        (-1 for ``vos``).
+        (-1 for ``vos``). Always set by :func:`synthesize`.
     stats : SynthesisStats or None
         Diagnostics when asked for with ``return_stats=True``.
     """
@@ -101,7 +101,7 @@ class SynthesisResult:
     outliers: torch.Tensor
     labels: torch.Tensor
     knn_distance: torch.Tensor
-    source_index: torch.Tensor
+    source_index: torch.Tensor | None = None
     stats: SynthesisStats | None = None
 
     def __len__(self) -> int:
@@ -138,6 +138,7 @@ def kth_similarity(queries: torch.Tensor, bank: torch.Tensor, k: int, *,
     Parameters
     ----------
     queries : Tensor of shape (C, n, D)
+        Any norm (the result is then a dot product, not a cosine).
     bank : Tensor of shape (C, Q, D)
         Unit vectors.
     k : int
@@ -237,10 +238,16 @@ def _check_inputs(banks: torch.Tensor, ready: torch.Tensor | None,
         raise ParameterError(
             f"ready must be a bool tensor of shape ({n_classes},); got {ready.dtype} "
             f"{tuple(ready.shape)}")
-    classes = ready.nonzero().flatten()
-    if classes.numel() and not torch.isfinite(banks[classes.to(banks.device)]).all():
+    return ready.nonzero().flatten()
+
+
+def _class_chunk(banks: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """float32 copy of the banks of classes ``cls``, checked finite (per chunk, so that the
+    check never copies all the banks at once)."""
+    raw = banks[cls].float()
+    if not torch.isfinite(raw).all():
         raise ParameterError("banks of ready classes contain NaN or Inf values")
-    return classes
+    return raw
 
 
 def _perturb(centers: torch.Tensor, noise: torch.Tensor, sigma: float, space: str):
@@ -298,7 +305,7 @@ def synthesize(banks: torch.Tensor, config: SynthesisConfig, *,
         ``pick * keep`` outliers per ready class (none when no class is ready).
     """
     classes = _check_inputs(banks, ready, generator)
-    n_classes, q, dim = banks.shape
+    _, q, dim = banks.shape
     config.validate(bank_size=q)
     runner = {"npos": _npos, "gaussian": _gaussian, "vos": _vos}[config.method]
     budget = max(1, int(memory_budget) // 4)
@@ -335,6 +342,22 @@ def _scorer(backend: str, k: int, max_sims: int):
     return _TorchScorer(k, max_sims) if backend == "torch" else _FaissScorer(backend, k)
 
 
+def _run_chunks(classes: torch.Tensor, chunk: int, body, return_stats: bool, make_stats):
+    """Call ``body(start, chunk_classes) -> (part, stat_tuple)`` per chunk of classes.
+
+    Each chunk's buffers are locals of ``body``, so they are freed before the next chunk
+    allocates its own: the working memory is one chunk's, not two.
+    """
+    parts, stat_parts = [], []
+    for start in range(0, classes.numel(), chunk):
+        part, stat = body(start, classes[start:start + chunk])
+        parts.append(part)
+        if return_stats:
+            stat_parts.append(stat)
+    stats = make_stats(*(torch.cat(x) for x in zip(*stat_parts))) if return_stats else None
+    return parts, stats
+
+
 def _npos(banks, classes, cfg, generator, budget, return_stats, backend):
     n_ready = classes.numel()
     _, q, dim = banks.shape
@@ -342,16 +365,15 @@ def _npos(banks, classes, cfg, generator, budget, return_stats, backend):
     if n_ready == 0:
         return [], None
     picks = draw_positions(n_ready, cfg.select, p, generator).to(banks.device)
-    chunk, max_sims = _chunk_size(n_ready, q * dim + p * m * dim + q,
+    # per class: raw + unit bank, candidates; then the larger of the (Q, Q) and (p m, Q) blocks
+    chunk, max_sims = _chunk_size(n_ready, 2 * q * dim + p * m * dim + q,
                                   max(q * q, p * m * q), budget)
-    scorer = _scorer(backend, cfg.k, max_sims)
-    parts, stat_parts = [], []
-    for start in range(0, n_ready, chunk):
-        cls = classes[start:start + chunk]
+
+    def body(start, cls):
         c = cls.numel()
-        raw = banks[cls].float()
-        unit = F.normalize(raw, dim=-1)
-        bank_d = scorer.fit(unit).bank()
+        raw = _class_chunk(banks, cls)
+        scorer = _scorer(backend, cfg.k, max_sims).fit(F.normalize(raw, dim=-1))
+        bank_d = scorer.bank()
         boundary = bank_d.topk(cfg.select, dim=1).indices  # by decreasing distance
         source = boundary.gather(1, picks[start:start + c])  # (c, p)
         centers = raw.gather(1, source.unsqueeze(-1).expand(c, p, dim))
@@ -360,14 +382,11 @@ def _npos(banks, classes, cfg, generator, budget, return_stats, backend):
         cand_d = scorer.queries(v.view(c, p * m, dim)).view(c, p, m)
         kept_d, kept = cand_d.topk(cfg.keep, dim=-1)  # per picked point
         v_kept = v.gather(2, kept.unsqueeze(-1).expand(c, p, cfg.keep, dim))
-        parts.append(_outputs(cls, v_kept, scale, kept_d, source, cfg.keep))
-        if return_stats:
-            stat_parts.append((bank_d, boundary, source, cand_d))
-    stats = None
-    if return_stats:
-        bank_d, boundary, source, cand_d = (torch.cat(x) for x in zip(*stat_parts))
-        stats = SynthesisStats(classes, bank_d, boundary, source, cand_d)
-    return parts, stats
+        return (_outputs(cls, v_kept, scale, kept_d, source, cfg.keep),
+                (bank_d, boundary, source, cand_d))
+
+    return _run_chunks(classes, chunk, body, return_stats,
+                       lambda *s: SynthesisStats(classes, *s))
 
 
 def _gaussian(banks, classes, cfg, generator, budget, return_stats, backend):
@@ -378,37 +397,35 @@ def _gaussian(banks, classes, cfg, generator, budget, return_stats, backend):
     if n_ready == 0:
         return [], None
     picks = draw_positions(n_ready, q, p, generator).to(banks.device)
-    chunk, max_sims = _chunk_size(n_ready, q * dim + p * keep * dim + q,
+    chunk, max_sims = _chunk_size(n_ready, 2 * q * dim + p * keep * dim + q,
                                   max(q * q if return_stats else 0, p * keep * q), budget)
-    scorer = _scorer(backend, cfg.k, max_sims)
-    parts, stat_parts = [], []
-    for start in range(0, n_ready, chunk):
-        cls = classes[start:start + chunk]
+
+    def body(start, cls):
         c = cls.numel()
-        raw = banks[cls].float()
-        scorer.fit(F.normalize(raw, dim=-1))
+        raw = _class_chunk(banks, cls)
+        scorer = _scorer(backend, cfg.k, max_sims).fit(F.normalize(raw, dim=-1))
         source = picks[start:start + c]
         centers = raw.gather(1, source.unsqueeze(-1).expand(c, p, dim))
         noise = draw_noise(c, (p, keep, dim), generator, banks.device)
         v, scale = _perturb(centers, noise, cfg.resolved_sigma, cfg.noise_space)
         dist = scorer.queries(v.view(c, p * keep, dim)).view(c, p, keep)
-        parts.append(_outputs(cls, v, scale, dist, source, keep))
-        if return_stats:
-            stat_parts.append((scorer.bank(), source, dist))
-    stats = None
-    if return_stats:
-        bank_d, source, dist = (torch.cat(x) for x in zip(*stat_parts))
-        stats = SynthesisStats(classes, bank_d, None, source, dist)
-    return parts, stats
+        stat = (scorer.bank(), source, dist) if return_stats else None
+        return _outputs(cls, v, scale, dist, source, keep), stat
+
+    return _run_chunks(classes, chunk, body, return_stats,
+                       lambda bank_d, source, dist: SynthesisStats(classes, bank_d, None,
+                                                                   source, dist))
 
 
-def fit_shared_gaussian(banks: torch.Tensor, space: str, *, chunk: int = 64):
+def fit_shared_gaussian(banks: torch.Tensor, classes: torch.Tensor, space: str, *,
+                        chunk: int = 16):
     """Class means and the Cholesky factor of the pooled (shared) covariance, as in VOS.
 
     Parameters
     ----------
-    banks : Tensor of shape (R, Q, D)
-        The ready classes' banks.
+    banks : Tensor of shape (C, Q, D)
+    classes : Tensor of shape (R,)
+        The classes to fit (read ``chunk`` classes at a time).
     space : {"sphere", "raw"}
         ``sphere`` fits the unit vectors, ``raw`` the embeddings as they are.
 
@@ -420,10 +437,11 @@ def fit_shared_gaussian(banks: torch.Tensor, space: str, *, chunk: int = 64):
         the within-class covariance pooled over classes (divisor ``R * (Q - 1)``). The ridge
         keeps it positive definite when R * Q is not much larger than D.
     """
-    n_classes, q, dim = banks.shape
+    _, q, dim = banks.shape
+    n_classes = classes.numel()
     means, scatter = [], torch.zeros((dim, dim), dtype=torch.float64, device=banks.device)
     for start in range(0, n_classes, chunk):
-        x = banks[start:start + chunk].double()
+        x = _class_chunk(banks, classes[start:start + chunk]).double()
         if space == "sphere":
             x = F.normalize(x, dim=-1)
         mu = x.mean(dim=1, keepdim=True)
@@ -451,17 +469,15 @@ def _vos(banks, classes, cfg, generator, budget, return_stats, backend):
     total, kept_n = cfg.pick * cfg.candidates, cfg.pick * cfg.keep
     if n_ready == 0:
         return [], None
-    means, chol = fit_shared_gaussian(banks[classes], cfg.noise_space)
+    means, chol = fit_shared_gaussian(banks, classes, cfg.noise_space)
     scored = total if return_stats else kept_n
-    chunk, max_sims = _chunk_size(n_ready, q * dim + 2 * total * dim + q,
+    chunk, max_sims = _chunk_size(n_ready, 2 * q * dim + 2 * total * dim + q,
                                   max(q * q if return_stats else 0, scored * q), budget)
-    scorer = _scorer(backend, cfg.k, max_sims)
-    parts, stat_parts = [], []
-    for start in range(0, n_ready, chunk):
-        cls = classes[start:start + chunk]
+
+    def body(start, cls):
         c = cls.numel()
-        raw = banks[cls].float()
-        scorer.fit(F.normalize(raw, dim=-1))
+        raw = _class_chunk(banks, cls)
+        scorer = _scorer(backend, cfg.k, max_sims).fit(F.normalize(raw, dim=-1))
         eps = draw_noise(c, (total, dim), generator, banks.device)
         order = eps.square().sum(dim=-1).topk(kept_n, dim=1).indices  # lowest likelihood first
         x = means[start:start + c].unsqueeze(1) + eps @ chol.T  # (c, total, D)
@@ -471,13 +487,11 @@ def _vos(banks, classes, cfg, generator, budget, return_stats, backend):
             scale = raw.norm(dim=-1).mean(dim=1).view(c, 1, 1, 1)
         dist = scorer.queries(x_kept).view(c, cfg.pick, cfg.keep)
         source = torch.full((c, cfg.pick), -1, dtype=torch.int64, device=banks.device)
-        parts.append(_outputs(cls, x_kept.view(c, cfg.pick, cfg.keep, dim), scale, dist,
-                              source, cfg.keep))
+        stat = None
         if return_stats:
-            all_d = scorer.queries(x).view(c, cfg.pick, cfg.candidates)
-            stat_parts.append((scorer.bank(), all_d))
-    stats = None
-    if return_stats:
-        bank_d, all_d = (torch.cat(x) for x in zip(*stat_parts))
-        stats = SynthesisStats(classes, bank_d, None, None, all_d)
-    return parts, stats
+            stat = (scorer.bank(), scorer.queries(x).view(c, cfg.pick, cfg.candidates))
+        return (_outputs(cls, x_kept.view(c, cfg.pick, cfg.keep, dim), scale, dist, source,
+                         cfg.keep), stat)
+
+    return _run_chunks(classes, chunk, body, return_stats,
+                       lambda bank_d, all_d: SynthesisStats(classes, bank_d, None, None, all_d))

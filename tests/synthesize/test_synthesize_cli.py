@@ -1,8 +1,14 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
+import npos
 from npos.cli import cli
 from npos.store import FeatureStore
 from npos.synthesize import SynthesisConfig
@@ -120,3 +126,13 @@ def test_class_banks_sampling():
         assert torch.equal(banks.banks[r], x[rows])
     whole = class_banks(x, y, 5, generator=torch.Generator(), num_classes=3)
     assert whole.rows.tolist() == [[0, 4, 8, 12, 16], [1, 5, 9, 13, 17], [2, 6, 10, 14, 18]]
+
+
+def test_command_module_does_not_import_torch():
+    # `npos --help` must stay fast: the synthesize command and its options import torch lazily.
+    root = str(Path(npos.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    code = ("import sys, npos.commands.synthesize, npos.commands._synthesis_options; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
