@@ -79,7 +79,7 @@ def test_id_accuracy_stays_close_to_the_ablation(trained, world):
 
 
 def test_ablation_trains_no_head_and_synthesizes_nothing(trained):
-    head, result = trained["ablation"]
+    _, result = trained["ablation"]
     assert all(e["outlier_loss"] is None and e["synth_steps"] == 0 for e in result.history)
     assert result.timings["synthesis"] == 0.0
 
