@@ -54,7 +54,7 @@ def time_mode(z, y, text, config: HeadConfig, steps: int, device: torch.device) 
     torch.manual_seed(0)
     model = HeadModel(text, head=config.head).to(device)
     if config.head == "rbf":
-        model.head.init_from_data(z[:20000], y[:20000], generator=torch.Generator().manual_seed(0))
+        model.head.init_from_data(z, y, generator=torch.Generator().manual_seed(0))
     means = F.normalize(torch.zeros_like(text).index_add_(0, y, F.normalize(z, dim=1)), dim=1)
     objective = HeadObjective(model, config, cider_prototypes=means, device=device, profile=True)
     optimizer = torch.optim.AdamW(objective.parameter_groups(config.lr))

@@ -25,7 +25,9 @@ _EXPORTS = {
     "train_head": "npos.train_head.training",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["CheckpointError", "CheckpointExistsError", "HeadConfig", "HeadModel",
+           "HeadObjective", "StepOutput", "TrainResult", "TrainedHead", "load_head",
+           "run_epoch", "train_head"]
 
 
 def __getattr__(name: str):

@@ -477,6 +477,9 @@ def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = N
     data = load_labeled(store)
     num_classes, dim = len(data.class_names), data.z.shape[1]
     counts = torch.bincount(data.y, minlength=num_classes)
+    if int(counts.min()) == 0:
+        raise StoreError(f"class {data.class_names[int(counts.argmin())]!r} has no labeled rows "
+                         f"in training store {store.url!r}")
     if config.ood_weight > 0 and int(counts.min()) < config.queue:
         c = int(counts.argmin())
         raise ParameterError(

@@ -18,3 +18,15 @@ def world():
 def world_stores(world, tmp_path_factory):
     """The world as stores: {"train", "test", "ood/held-out", "ood/off-manifold"} -> url."""
     return write_world(world, tmp_path_factory.mktemp("world"), chunk_rows=256)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These tests use tiny matrices, for which intra-op threads only add synchronization:
+    on a 2-core box they ran ~10x slower with 2 threads than with 1 (measured)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -79,7 +79,7 @@ def test_id_accuracy_stays_close_to_the_ablation(trained, world):
 
 
 def test_ablation_trains_no_head_and_synthesizes_nothing(trained):
-    head, result = trained["ablation"]
+    _, result = trained["ablation"]
     assert all(e["outlier_loss"] is None and e["synth_steps"] == 0 for e in result.history)
     assert result.timings["synthesis"] == 0.0
 
@@ -160,6 +160,10 @@ def test_errors(world, world_stores, tmp_path, make_store, rng):
                            model="generated-world")
     with pytest.raises(StoreError, match="has no labeled rows"):
         train_head(unlabeled.url, str(tmp_path / "h"), SMALL)
+    missing = make_store(tmp_path / "m.zarr", world.train, np.minimum(world.train_labels, 6),
+                         class_names=[f"class{i}" for i in range(8)], model="generated-world")
+    with pytest.raises(StoreError, match="'class7' has no labeled rows"):
+        train_head(missing.url, str(tmp_path / "h"), SMALL)
     with pytest.raises(ParameterError, match="'k' parameter"):
         train_head(world_stores["train"], str(tmp_path / "h"),
                    dataclasses.replace(SMALL, queue=20))
