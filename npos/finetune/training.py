@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from npos import __version__
 from npos.errors import IncompatibleStoreError, ParameterError
@@ -44,12 +43,13 @@ from npos.finetune.tail import (TAIL_CONFIG, TAIL_FILE, TailError, VisionTail, l
                                 read_tail_config, save_tail)
 from npos.finetune.tokens import TokenSpec, TokenStream, check_same_tokens, token_spec
 from npos.store import FeatureStore
-from npos.train_head import HeadConfig, HeadModel, HeadObjective, run_epoch
+from npos.train_head import HeadConfig, HeadObjective, run_epoch
 from npos.train_head.checkpoint import (FORMAT as HEAD_FORMAT, CheckpointError,
                                         CheckpointExistsError, read_checkpoint_dir,
                                         write_checkpoint_dir)
-from npos.train_head.training import (_load_optimizer_state, _optimizer_state, cosine_lr,
-                                      load_labeled)
+from npos.train_head.training import (build_head, cosine_lr, load_labeled,
+                                      load_optimizer_state, make_optimizer, save_partial,
+                                      split_prefixes)
 
 HEAD_DIR = "head"
 PARTIAL_DIR = "train.partial"
@@ -175,38 +175,6 @@ def _remove(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- the head
-def build_head(data, config: HeadConfig) -> tuple[HeadModel, torch.Tensor]:
-    """A freshly initialized head for ``data`` (:func:`npos.train_head.training.load_labeled`),
-    exactly as ``train_head`` initializes it: class weights from the text embeddings (else
-    the normalized class means), the RBF centres from the data, seeded.
-
-    Returns the model (on the CPU) and the class means (the CIDER prototypes).
-    """
-    num_classes, dim = len(data.class_names), data.z.shape[1]
-    z = data.z.float()
-    counts = torch.bincount(data.y, minlength=num_classes)
-    means = torch.zeros(num_classes, dim).index_add_(0, data.y, F.normalize(z, dim=-1))
-    means = F.normalize(means / counts.clamp_min(1).unsqueeze(1), dim=-1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = HeadModel(data.text if data.text is not None else means,
-                          projection=config.projection, head=config.head,
-                          temperature=config.temperature,
-                          train_classifier=data.text is None or config.train_text,
-                          head_hidden=config.head_hidden, rbf_centres=config.rbf_centres)
-    if config.head == "rbf":
-        model.head.init_from_data(z, data.y,
-                                  generator=torch.Generator().manual_seed(config.seed))
-    return model, means
-
-
-def _make_optimizer(groups: list[dict[str, Any]], config: HeadConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-
-
 class _SampleProgress:
     """Lets :func:`run_epoch` (which counts steps) drive a bar that counts samples, so the
     bar's rate is samples/s."""
@@ -235,29 +203,6 @@ def _tail_batches(stream: TokenStream, tail: VisionTail, generator: torch.Genera
 
 
 # ---------------------------------------------------------------------- resumable state
-def _save_partial(path: Path, tail: VisionTail, model: HeadModel,
-                  optimizer: torch.optim.Optimizer, objective: HeadObjective,
-                  shuffle: torch.Generator, record: Mapping[str, Any]) -> None:
-    opt_tensors, opt_meta = _optimizer_state(optimizer)
-    obj_tensors, obj_meta = objective.state()
-    tensors = {**{f"tail/{k}": v for k, v in tail.state_dict().items()},
-               **{f"model/{k}": v for k, v in model.state_dict().items()},
-               **{f"optimizer/{k}": v for k, v in opt_tensors.items()},
-               **{f"objective/{k}": v for k, v in obj_tensors.items()},
-               "rng/shuffle": shuffle.get_state()}
-    write_checkpoint_dir(path, tensors, {**record, "format": STATE_FORMAT,
-                                         "optimizer_state": opt_meta,
-                                         "objective_state": obj_meta})
-
-
-def _split(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        prefix, rest = key.split("/", 1)
-        out.setdefault(prefix, {})[rest] = value
-    return out
-
-
 def _check_same_run(saved: Mapping[str, Any], record: Mapping[str, Any], where: Path) -> None:
     record = json.loads(json.dumps(record))  # compare as stored (tuples become lists)
     diff = [k for k in sorted(record) if saved.get(k) != record[k]]
@@ -430,7 +375,7 @@ def _train(store: FeatureStore, data, tail: VisionTail, record: dict[str, Any],
     tail_lr = head_config.lr * config.tail_lr_scale
     groups = [{"params": list(tail.parameters()), "lr": tail_lr, "base_lr": tail_lr},
               *objective.parameter_groups(head_config.lr)]
-    optimizer = _make_optimizer(groups, head_config)
+    optimizer = make_optimizer(groups, head_config)
     shuffle = torch.Generator().manual_seed(head_config.seed + 2)
     stream = TokenStream(store, batch_size=head_config.batch_size,
                          window_rows=config.window_rows, pin_memory=device.type == "cuda")
@@ -442,10 +387,10 @@ def _train(store: FeatureStore, data, tail: VisionTail, record: dict[str, Any],
         tensors, saved = read_checkpoint_dir(partial, device=device, what="partial run",
                                              format=STATE_FORMAT)
         _check_same_run(saved, record, partial)
-        parts = _split(tensors)
+        parts = split_prefixes(tensors)
         tail.load_state_dict(parts["tail"], strict=True)
         model.load_state_dict(parts["model"], strict=True)
-        _load_optimizer_state(optimizer, parts.get("optimizer", {}), saved["optimizer_state"])
+        load_optimizer_state(optimizer, parts.get("optimizer", {}), saved["optimizer_state"])
         objective.load_state(parts["objective"], saved["objective_state"])
         shuffle.set_state(parts["rng"]["shuffle"].cpu())
         history, first_epoch = list(saved["history"]), int(saved["epochs_done"])
@@ -472,8 +417,9 @@ def _train(store: FeatureStore, data, tail: VisionTail, record: dict[str, Any],
                  "samples_per_s": round(stats.seen / max(seconds, 1e-9), 1)}
         history.append(entry)
         say(_format_epoch(entry, head_config.epochs))
-        _save_partial(partial, tail, model, optimizer, objective, shuffle,
-                      {**record, "history": history, "epochs_done": epoch + 1})
+        save_partial(partial, {"tail": tail, "model": model}, optimizer, objective, shuffle,
+                     {**record, "history": history, "epochs_done": epoch + 1},
+                     format=STATE_FORMAT)
 
     tail.eval()
     model.eval()

@@ -91,6 +91,18 @@ class ClassQueues:
         self._head = (self._head + per_class) % self.capacity
         self.counts = torch.clamp(self.counts + per_class, max=self.capacity)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Contents and write positions, for resuming a run exactly (slot order decides which
+        bank points seeded picks land on)."""
+        return {"banks": self.banks, "counts": self.counts, "head": self._head}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`."""
+        device = self.banks.device
+        self.banks.copy_(state["banks"])
+        self.counts = state["counts"].to(device)
+        self._head = state["head"].to(device)
+
     def ordered(self, c: int) -> torch.Tensor:
         """Contents of class ``c``'s queue, oldest first: shape (counts[c], D)."""
         count = int(self.counts[c])

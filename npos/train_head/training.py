@@ -193,10 +193,7 @@ class HeadObjective:
         if self.cider is not None:
             tensors["cider.prototypes"] = self.cider.prototypes
         if self.queues is not None:
-            # The ring's write positions matter too: slot order decides which bank points
-            # the random picks land on, so a resumed run must see the same layout.
-            tensors.update({"queues.banks": self.queues.banks, "queues.counts": self.queues.counts,
-                            "queues.head": self.queues._head})
+            tensors.update({f"queues.{k}": v for k, v in self.queues.state_dict().items()})
         if self.outliers is not None:
             tensors["outliers"] = self.outliers
         return tensors, {"steps": self.steps}
@@ -207,9 +204,8 @@ class HeadObjective:
         if self.cider is not None:
             self.cider.prototypes.copy_(tensors["cider.prototypes"])
         if self.queues is not None:
-            self.queues.banks.copy_(tensors["queues.banks"])
-            self.queues.counts = tensors["queues.counts"].to(self.device)
-            self.queues._head = tensors["queues.head"].to(self.device)
+            self.queues.load_state_dict({k: tensors[f"queues.{k}"]
+                                         for k in ("banks", "counts", "head")})
         self.outliers = tensors["outliers"].to(self.device) if "outliers" in tensors else None
         self.steps = int(meta["steps"])
 
@@ -362,7 +358,8 @@ def accuracy(model: HeadModel, z: torch.Tensor, y: torch.Tensor, device: torch.d
 
 
 # ---------------------------------------------------------------------- optimizer state I/O
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as (tensors for safetensors, JSON-ready rest)."""
     sd = optimizer.state_dict()
     tensors, meta = {}, {}
     for pid, entry in sd["state"].items():
@@ -375,7 +372,7 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
     return tensors, {"param_groups": sd["param_groups"], "state": meta}
 
 
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor],
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor],
                           meta: Mapping[str, Any]) -> None:
     state: dict[int, dict[str, Any]] = {int(pid): dict(v) for pid, v in meta["state"].items()}
     for key, value in tensors.items():
@@ -420,6 +417,38 @@ def _run_identity(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def build_head(data: LabeledFeatures, config: HeadConfig) -> tuple[HeadModel, torch.Tensor]:
+    """A freshly initialized head for ``data``, seeded by ``config.seed`` without touching
+    the global RNG: class weights from the text embeddings (else the normalized class means),
+    RBF centres from the data.
+
+    Returns the model (on the CPU) and the normalized class means (CIDER's prototypes).
+    """
+    num_classes, dim = len(data.class_names), data.z.shape[1]
+    z = data.z.float()
+    counts = torch.bincount(data.y, minlength=num_classes)
+    means = torch.zeros(num_classes, dim).index_add_(0, data.y, F.normalize(z, dim=-1))
+    means = F.normalize(means / counts.clamp_min(1).unsqueeze(1), dim=-1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = HeadModel(data.text if data.text is not None else means,
+                          projection=config.projection, head=config.head,
+                          temperature=config.temperature,
+                          train_classifier=data.text is None or config.train_text,
+                          head_hidden=config.head_hidden, rbf_centres=config.rbf_centres)
+    if config.head == "rbf":
+        model.head.init_from_data(z, data.y, generator=torch.Generator().manual_seed(config.seed))
+    return model, means
+
+
+def make_optimizer(groups: list[dict[str, Any]], config: HeadConfig) -> torch.optim.Optimizer:
+    """SGD (with momentum) or AdamW over parameter groups, as ``config.optimizer`` says."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = None, *,
@@ -504,30 +533,11 @@ def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = N
         "train_rows": int(data.y.numel()), "val_store": val,
     }
 
-    # Initialization (seeded, without touching the global RNG).
-    init_gen = torch.Generator().manual_seed(config.seed)
-    z_float = data.z.float()
-    means = torch.zeros(num_classes, dim).index_add_(0, data.y, F.normalize(z_float, dim=-1))
-    means = F.normalize(means / counts.clamp_min(1).unsqueeze(1), dim=-1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = HeadModel(data.text if data.text is not None else means,
-                          projection=config.projection, head=config.head,
-                          temperature=config.temperature,
-                          train_classifier=record["classifier_trainable"],
-                          head_hidden=config.head_hidden, rbf_centres=config.rbf_centres)
-    if config.head == "rbf":
-        model.head.init_from_data(z_float, data.y, generator=init_gen)
-    del z_float
+    model, means = build_head(data, config)
     model.to(device)
     objective = HeadObjective(model, config, cider_prototypes=means, device=device,
                               profile=profile)
-    groups = objective.parameter_groups(config.lr)
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(objective.parameter_groups(config.lr), config)
     shuffle_gen = torch.Generator().manual_seed(config.seed + 2)
 
     history: list[dict[str, Any]] = []
@@ -540,9 +550,9 @@ def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = N
             raise CheckpointError(
                 f"cannot resume from {str(partial)!r}: it was started with other settings "
                 f"({', '.join(diff[:5])} differ); pass --overwrite to start over")
-        split = _split_prefixes(tensors)
+        split = split_prefixes(tensors)
         model.load_state_dict(split["model"], strict=True)
-        _load_optimizer_state(optimizer, split["optimizer"], saved["optimizer_state"])
+        load_optimizer_state(optimizer, split["optimizer"], saved["optimizer_state"])
         objective.load_state(split["objective"], saved["objective_state"])
         shuffle_gen.set_state(split["rng"]["shuffle"].cpu())
         history = list(saved["history"])
@@ -578,8 +588,8 @@ def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = N
         history.append(entry)
         if log:
             log(_format_epoch(entry, config.epochs))
-        _save_partial(partial, model, optimizer, objective, shuffle_gen,
-                      {**record, "history": history, "epochs_done": epoch + 1})
+        save_partial(partial, {"model": model}, optimizer, objective, shuffle_gen,
+                     {**record, "history": history, "epochs_done": epoch + 1})
 
     final = {**record, "history": history, "npos_version": __version__,
              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -601,25 +611,29 @@ def _format_epoch(entry: Mapping[str, Any], epochs: int) -> str:
     return "  ".join(parts)
 
 
-def _split_prefixes(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    out: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optimizer": {}, "objective": {},
-                                               "rng": {}}
+def split_prefixes(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Undo :func:`save_partial`'s ``prefix/name`` flattening."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         prefix, rest = key.split("/", 1)
-        out[prefix][rest] = value
+        out.setdefault(prefix, {})[rest] = value
     return out
 
 
-def _save_partial(path: Path, model: HeadModel, optimizer: torch.optim.Optimizer,
-                  objective: HeadObjective, shuffle_gen: torch.Generator,
-                  record: Mapping[str, Any]) -> None:
-    opt_tensors, opt_meta = _optimizer_state(optimizer)
+def save_partial(path: Path, modules: Mapping[str, torch.nn.Module],
+                 optimizer: torch.optim.Optimizer, objective: HeadObjective,
+                 shuffle_gen: torch.Generator, record: Mapping[str, Any], *,
+                 format: str = STATE_FORMAT) -> None:
+    """Write the resumable state of a run (module weights, optimizer, objective incl. its
+    queues, shuffling RNG) atomically; ``record`` goes to its config.json."""
+    opt_tensors, opt_meta = optimizer_state(optimizer)
     obj_tensors, obj_meta = objective.state()
-    tensors = {**{f"model/{k}": v for k, v in model.state_dict().items()},
+    tensors = {**{f"{name}/{k}": v for name, module in modules.items()
+                  for k, v in module.state_dict().items()},
                **{f"optimizer/{k}": v for k, v in opt_tensors.items()},
                **{f"objective/{k}": v for k, v in obj_tensors.items()},
                "rng/shuffle": shuffle_gen.get_state()}
-    write_checkpoint_dir(path, tensors, {**record, "format": STATE_FORMAT,
+    write_checkpoint_dir(path, tensors, {**record, "format": format,
                                          "optimizer_state": opt_meta,
                                          "objective_state": obj_meta})
 
