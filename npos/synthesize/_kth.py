@@ -3,7 +3,7 @@
 :func:`kth_largest_` is the selection primitive of every kNN distance in npos.
 
 Measured on the paper's shapes (rows of 1000 similarities, K=400; 2-core CPU, see
-``benchmarks/results/synthesis.md``): ``torch.topk``/``torch.kthvalue`` on CPU cost as much as
+``BENCHMARKS.md``): ``torch.topk``/``torch.kthvalue`` on CPU cost as much as
 the matrix product that made the similarities, because they carry indices through a generic
 introselect. numpy's in-place ``ndarray.partition`` is a values-only, SIMD-vectorized select
 (x86-simd-sort in numpy >= 2) and releases the GIL, so splitting the rows over threads is
