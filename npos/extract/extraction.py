@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from npos.errors import (IncompatibleStoreError, NposError, ParameterError, StoreError)
+from npos.errors import IncompatibleStoreError, NposError, ParameterError, StoreError
 from npos.extract.datasets import (ImageDataset, ImageDecodeError, ImageSource,
                                    load_image_source, read_class_names, readable_class_names)
 from npos.extract.encoder import (DEFAULT_SEED, autocast, create_encoder,
@@ -45,6 +45,7 @@ from npos.extract.encoder import (DEFAULT_SEED, autocast, create_encoder,
                                   resolve_device, resolve_weights)
 from npos.extract.text import DEFAULT_TEMPLATES, load_templates, text_embeddings, validate_templates
 from npos.store import DEFAULT_CHUNK_ROWS, FeatureStore, store_exists
+from npos.validation import check_choice, check_int
 
 ON_ERROR = ("skip", "fail")
 DTYPES = ("float16", "float32")
@@ -324,24 +325,12 @@ class FeatureExtractor:
 
     # -------------------------------------------------------------- validation
     def _validate_params(self) -> None:
-        def positive_int(name: str, value: Any, low: int) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ParameterError(f"The {name!r} parameter of extract must be an int >= "
-                                     f"{low}. Got {value!r} instead.")
-
-        positive_int("batch_size", self.batch_size, 1)
-        positive_int("chunk_rows", self.chunk_rows, 1)
-        positive_int("seed", self.seed, 0)
-        if self.workers is not None:
-            positive_int("workers", self.workers, 0)
-        if self.tokens_layer is not None:
-            positive_int("tokens_layer", self.tokens_layer, 0)
-        if self.dtype not in DTYPES:
-            raise ParameterError(f"The 'dtype' parameter of extract must be one of {DTYPES}. "
-                                 f"Got {self.dtype!r} instead.")
-        if self.on_error not in ON_ERROR:
-            raise ParameterError(f"The 'on_error' parameter of extract must be one of "
-                                 f"{ON_ERROR}. Got {self.on_error!r} instead.")
+        for name, low in (("batch_size", 1), ("chunk_rows", 1), ("seed", 0)):
+            check_int(name, getattr(self, name), low, owner="extract")
+        for name in ("workers", "tokens_layer"):
+            check_int(name, getattr(self, name), 0, allow_none=True, owner="extract")
+        check_choice("dtype", self.dtype, DTYPES, owner="extract")
+        check_choice("on_error", self.on_error, ON_ERROR, owner="extract")
 
     def _resolve_texts(self, source: ImageSource) -> tuple[list[str] | None, list[str] | None]:
         """Readable class names and prompt templates (both None for unlabeled input)."""

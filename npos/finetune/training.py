@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import re
 import shutil
 import time
@@ -50,6 +49,7 @@ from npos.train_head.checkpoint import (FORMAT as HEAD_FORMAT, CheckpointError,
 from npos.train_head.training import (build_head, cosine_lr, load_labeled,
                                       load_optimizer_state, make_optimizer, save_partial,
                                       split_prefixes)
+from npos.validation import check_float, check_int
 
 HEAD_DIR = "head"
 PARTIAL_DIR = "train.partial"
@@ -79,18 +79,9 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Raise :class:`ParameterError` for the first invalid parameter."""
-        value = self.tail_lr_scale
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not math.isfinite(value) or value <= 0):
-            raise ParameterError("The 'tail_lr_scale' parameter of finetune must be a float in "
-                                 f"the range (0, inf). Got {value!r} instead.")
-        for name in ("window_rows", "embed_batch_size"):
-            value = getattr(self, name)
-            if value is None and name == "window_rows":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ParameterError(f"The {name!r} parameter of finetune must be an int in "
-                                     f"the range [1, inf). Got {value!r} instead.")
+        check_float("tail_lr_scale", self.tail_lr_scale, 0.0, low_open=True, owner="finetune")
+        check_int("window_rows", self.window_rows, 1, allow_none=True, owner="finetune")
+        check_int("embed_batch_size", self.embed_batch_size, 1, owner="finetune")
 
 
 @dataclass

@@ -7,12 +7,10 @@ checkpoints record.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
-from numbers import Integral, Real
 from typing import Any
 
-from npos.errors import ParameterError
+from npos.validation import check_choice, check_float, check_int
 
 METHODS = ("npos", "vos", "gaussian")
 NOISE_SPACES = ("sphere", "raw")
@@ -22,31 +20,6 @@ BACKENDS = ("auto", "torch", "faiss-flat", "faiss-ivf")
 #: CLIP ViT-B/16 (embedding norm ~10, D=512): a relative perturbation of
 #: 0.1 * sqrt(512) / 10 ~ 0.23, which is ``sphere`` sigma 0.23 / sqrt(512) ~ 0.01.
 DEFAULT_SIGMA = {"sphere": 0.01, "raw": 0.1}
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        options = ", ".join(repr(c) for c in choices)
-        raise ParameterError(
-            f"The {name!r} parameter must be one of {options}. Got {value!r} instead.")
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None, *,
-               high_closed: bool = True, why: str = "") -> None:
-    """``value`` must be an int in [low, high] (or [low, high) when ``high_closed`` is False)."""
-    ok = isinstance(value, Integral) and not isinstance(value, bool)
-    if ok and value < low:
-        ok = False
-    if ok and high is not None:
-        ok = value <= high if high_closed else value < high
-    if not ok:
-        if high is None:
-            interval = f"[{low}, inf)"
-        else:
-            interval = f"[{low}, {high}{']' if high_closed else ')'}"
-        raise ParameterError(
-            f"The {name!r} parameter must be an int in the range {interval}{why}. "
-            f"Got {value!r} instead.")
 
 
 @dataclass(frozen=True)
@@ -114,34 +87,29 @@ class SynthesisConfig:
         Without ``bank_size`` only checks that do not depend on the bank run (they also run
         at construction); with it, the bounds that involve the per-class bank size Q too.
         """
-        _check_choice("method", self.method, METHODS)
-        _check_choice("noise_space", self.noise_space, NOISE_SPACES)
-        _check_choice("backend", self.backend, BACKENDS)
-        _check_int("k", self.k, 1)
-        _check_int("pick", self.pick, 1)
-        _check_int("candidates", self.candidates, 1)
-        _check_int("keep", self.keep, 1)
-        _check_int("select", self.select, 1)
-        sigma = self.sigma
-        if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, Real)
-                                  or not math.isfinite(sigma) or sigma <= 0):
-            raise ParameterError(
-                f"The 'sigma' parameter must be a float in the range (0, inf) or None. "
-                f"Got {sigma!r} instead.")
+        check_choice("method", self.method, METHODS)
+        check_choice("noise_space", self.noise_space, NOISE_SPACES)
+        check_choice("backend", self.backend, BACKENDS)
+        check_int("k", self.k, 1)
+        check_int("pick", self.pick, 1)
+        check_int("candidates", self.candidates, 1)
+        check_int("keep", self.keep, 1)
+        check_int("select", self.select, 1)
+        check_float("sigma", self.sigma, 0.0, low_open=True, allow_none=True)
         if self.method == "npos":
-            _check_int("pick", self.pick, 1, self.select, why=" (pick <= select)")
+            check_int("pick", self.pick, 1, self.select, why=" (pick <= select)")
         if self.method in ("npos", "vos"):
-            _check_int("keep", self.keep, 1, self.candidates, why=" (keep <= candidates)")
+            check_int("keep", self.keep, 1, self.candidates, why=" (keep <= candidates)")
         if bank_size is None:
             return
-        _check_int("bank size", bank_size, 2, why=" (points per class bank)")
-        _check_int("k", self.k, 1, bank_size, high_closed=False,
+        check_int("bank size", bank_size, 2, why=" (points per class bank)")
+        check_int("k", self.k, 1, bank_size, high_closed=False,
                    why=f" (k < bank size {bank_size}: the K-th nearest other point)")
         if self.method == "npos":
-            _check_int("select", self.select, self.pick, bank_size,
+            check_int("select", self.select, self.pick, bank_size,
                        why=f" (pick <= select <= bank size {bank_size})")
         if self.method == "gaussian":
-            _check_int("pick", self.pick, 1, bank_size, why=f" (pick <= bank size {bank_size})")
+            check_int("pick", self.pick, 1, bank_size, why=f" (pick <= bank size {bank_size})")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields plus ``resolved_sigma``, for store attributes and ``config.json``."""

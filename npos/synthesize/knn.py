@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from npos.errors import MissingDependencyError, ParameterError
 from npos.synthesize._kth import DEFAULT_MEMORY_BUDGET, kth_largest_, similarity_to_distance
+from npos.validation import check_float, check_int
 
 KNN_BACKENDS = ("auto", "torch", "faiss-flat", "faiss-ivf")
 #: ``auto`` chooses exact torch search up to this many bank points.
@@ -170,16 +171,8 @@ class KnnIndex:
     def _validate(self) -> None:
         resolve_knn_backend(self.backend, 1)
         for name in ("nlist", "nprobe"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ParameterError(
-                    f"The {name!r} parameter must be an int in the range [1, inf) or None. "
-                    f"Got {value!r} instead.")
-        if not 0 < self.target_recall <= 1:
-            raise ParameterError(
-                f"The 'target_recall' parameter must be a float in the range (0, 1]. "
-                f"Got {self.target_recall!r} instead.")
+            check_int(name, getattr(self, name), 1, allow_none=True)
+        check_float("target_recall", self.target_recall, 0.0, 1.0, low_open=True)
 
     def fit(self, bank) -> KnnIndex:
         """Index ``bank`` of shape (N, D) (numpy or torch; normalized here). Returns self."""

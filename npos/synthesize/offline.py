@@ -14,6 +14,7 @@ from npos.store import IDENTITY_KEYS, FeatureStore, store_exists
 from npos.synthesize._kth import DEFAULT_MEMORY_BUDGET
 from npos.synthesize.config import SynthesisConfig
 from npos.synthesize.engine import SynthesisResult, SynthesisStats, synthesize
+from npos.validation import check_int
 
 #: Attributes copied from the source store so that the outliers store has its fingerprint.
 #: The source's identity (so fingerprints match) and token layer travel to the outliers store.
@@ -215,9 +216,7 @@ def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queu
     StoreError
         The store has no labelled rows.
     """
-    if isinstance(queue, bool) or not isinstance(queue, int) or queue < 2:
-        raise ParameterError(
-            f"The 'queue' parameter must be an int in the range [2, inf). Got {queue!r} instead.")
+    check_int("queue", queue, 2)
     config.validate(bank_size=queue)
     if not isinstance(store, FeatureStore):
         store = FeatureStore.open(store)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from npos.errors import ParameterError
+from npos.validation import check_int
 
 
 class ClassQueues:
@@ -35,12 +36,9 @@ class ClassQueues:
 
     def __init__(self, num_classes: int, capacity: int, dim: int, *, device=None,
                  dtype: torch.dtype = torch.float32) -> None:
-        for name, value, low in (("num_classes", num_classes, 1), ("capacity", capacity, 1),
-                                 ("dim", dim, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ParameterError(
-                    f"The {name!r} parameter must be an int in the range [{low}, inf). "
-                    f"Got {value!r} instead.")
+        for name, value in (("num_classes", num_classes), ("capacity", capacity),
+                            ("dim", dim)):
+            check_int(name, value, 1)
         self.num_classes, self.capacity, self.dim = num_classes, capacity, dim
         self.banks = torch.zeros((num_classes, capacity, dim), device=device, dtype=dtype)
         self.counts = torch.zeros(num_classes, dtype=torch.int64, device=self.banks.device)

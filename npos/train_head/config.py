@@ -6,43 +6,17 @@ Kept free of torch so the command line can read its defaults cheaply.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from npos.errors import ParameterError
+from npos.validation import check_choice, check_float, check_int
 from npos.synthesize.config import SynthesisConfig
 
 OPTIMIZERS = ("sgd", "adamw")
 PROJECTIONS = ("linear", "mlp")
 HEADS = ("mlp", "rbf")
 ID_LOSSES = ("ce", "logitnorm", "cider", "none")
-
-
-def _check(name: str, value: Any, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ParameterError(f"The {name!r} parameter of train_head must be {expected}. "
-                             f"Got {value!r} instead.")
-
-
-def _check_int(name: str, value: Any, low: int, high: float = math.inf) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-    upper = "inf)" if high == math.inf else f"{high}]"
-    _check(name, value, ok, f"an int in the range [{low}, {upper}")
-
-
-def _check_float(name: str, value: Any, low: float, *, low_open: bool,
-                 high: float = math.inf) -> None:
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and (value > low if low_open else value >= low) and value <= high)
-    left = "(" if low_open else "["
-    right = "inf)" if high == math.inf else f"{high}]"
-    _check(name, value, ok, f"a float in the range {left}{low}, {right}")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    _check(name, value, value in choices, f"a str among {set(choices)}")
 
 
 @dataclass(frozen=True)
@@ -113,24 +87,24 @@ class HeadConfig:
 
     def validate(self) -> None:
         """Raise :class:`~npos.errors.ParameterError` for the first invalid parameter."""
-        _check_int("epochs", self.epochs, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_float("lr", self.lr, 0.0, low_open=True)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_float("momentum", self.momentum, 0.0, low_open=False, high=1.0)
-        _check_float("weight_decay", self.weight_decay, 0.0, low_open=False)
-        _check_float("head_lr_scale", self.head_lr_scale, 0.0, low_open=True)
-        _check_choice("projection", self.projection, PROJECTIONS)
-        _check_float("temperature", self.temperature, 0.0, low_open=True)
-        _check_choice("id_loss", self.id_loss, ID_LOSSES)
-        _check_choice("head", self.head, HEADS)
-        _check_int("head_hidden", self.head_hidden, 1)
-        _check_int("rbf_centres", self.rbf_centres, 1)
-        _check_float("ood_weight", self.ood_weight, 0.0, low_open=False)
-        _check_int("start_epoch", self.start_epoch, 0, self.epochs - 1)
-        _check_int("synth_every", self.synth_every, 1)
-        _check_int("queue", self.queue, 2)
-        _check_int("seed", self.seed, 0)
+        check_int("epochs", self.epochs, 1, owner="train_head")
+        check_int("batch_size", self.batch_size, 1, owner="train_head")
+        check_float("lr", self.lr, 0.0, low_open=True, owner="train_head")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS, owner="train_head")
+        check_float("momentum", self.momentum, 0.0, low_open=False, high=1.0, owner="train_head")
+        check_float("weight_decay", self.weight_decay, 0.0, low_open=False, owner="train_head")
+        check_float("head_lr_scale", self.head_lr_scale, 0.0, low_open=True, owner="train_head")
+        check_choice("projection", self.projection, PROJECTIONS, owner="train_head")
+        check_float("temperature", self.temperature, 0.0, low_open=True, owner="train_head")
+        check_choice("id_loss", self.id_loss, ID_LOSSES, owner="train_head")
+        check_choice("head", self.head, HEADS, owner="train_head")
+        check_int("head_hidden", self.head_hidden, 1, owner="train_head")
+        check_int("rbf_centres", self.rbf_centres, 1, owner="train_head")
+        check_float("ood_weight", self.ood_weight, 0.0, low_open=False, owner="train_head")
+        check_int("start_epoch", self.start_epoch, 0, self.epochs - 1, owner="train_head")
+        check_int("synth_every", self.synth_every, 1, owner="train_head")
+        check_int("queue", self.queue, 2, owner="train_head")
+        check_int("seed", self.seed, 0, owner="train_head")
         if self.ood_weight > 0:
             # The engine validates its own parameters against the bank size (the queue).
             self.synthesis.validate(self.queue)

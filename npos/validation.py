@@ -1,0 +1,61 @@
+"""Parameter checks shared by every stage: one message template for all of them.
+
+``The 'k' parameter of synthesize must be an int in the range [1, 1000) (k < bank size).
+Got 1000 instead.`` — the owner (``of synthesize``) and the reason in parentheses are optional.
+Each check raises :class:`~npos.errors.ParameterError` and returns nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Integral, Real
+from typing import Any
+
+from npos.errors import ParameterError
+
+
+def _fail(name: str, value: Any, expected: str, owner: str | None, why: str) -> None:
+    of = f" of {owner}" if owner else ""
+    raise ParameterError(f"The {name!r} parameter{of} must be {expected}{why}. "
+                         f"Got {value!r} instead.")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any], *,
+                 owner: str | None = None) -> None:
+    """``value`` must be one of ``choices``."""
+    if value not in choices:
+        _fail(name, value, "one of " + ", ".join(repr(c) for c in choices), owner, "")
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None, *,
+              high_closed: bool = True, allow_none: bool = False, why: str = "",
+              owner: str | None = None) -> None:
+    """``value`` must be an int (not a bool) in [low, high] ([low, high) when not
+    ``high_closed``; no upper bound when ``high`` is None), or None with ``allow_none``."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, Integral) and not isinstance(value, bool) and value >= low
+    if ok and high is not None:
+        ok = value <= high if high_closed else value < high
+    if not ok:
+        upper = "inf)" if high is None else f"{high}{']' if high_closed else ')'}"
+        _fail(name, value, f"an int in the range [{low}, {upper}"
+              + (" or None" if allow_none else ""), owner, why)
+
+
+def check_float(name: str, value: Any, low: float, high: float | None = None, *,
+                low_open: bool = False, allow_none: bool = False, why: str = "",
+                owner: str | None = None) -> None:
+    """``value`` must be a finite real number in [low, high] ((low, high] with
+    ``low_open``; no upper bound when ``high`` is None), or None with ``allow_none``."""
+    if value is None and allow_none:
+        return
+    ok = (isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if low_open else value >= low)
+          and (high is None or value <= high))
+    if not ok:
+        left = "(" if low_open else "["
+        right = "inf)" if high is None else f"{high:g}]"
+        _fail(name, value, f"a float in the range {left}{low:g}, {right}"
+              + (" or None" if allow_none else ""), owner, why)
