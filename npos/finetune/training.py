@@ -46,7 +46,7 @@ from npos.train_head import HeadConfig, HeadObjective, run_epoch
 from npos.train_head.checkpoint import (FORMAT as HEAD_FORMAT, CheckpointError,
                                         CheckpointExistsError, read_checkpoint_dir,
                                         write_checkpoint_dir)
-from npos.train_head.training import (build_head, cosine_lr, load_labeled,
+from npos.train_head.training import (build_head, check_class_counts, cosine_lr, load_labeled,
                                       load_optimizer_state, make_optimizer, save_partial,
                                       split_prefixes)
 from npos.validation import check_float, check_int
@@ -273,14 +273,7 @@ def finetune(train_store: str, out_dir: str, *, model: str, pretrained: str | No
         raise CheckpointExistsError(f"{shown} already exist(s); pass --overwrite to replace, or "
                                     "--resume to continue an interrupted run")
     data = load_labeled(store)
-    num_classes = len(data.class_names)
-    counts = torch.bincount(data.y, minlength=num_classes)
-    if head_config.ood_weight > 0 and int(counts.min()) < head_config.queue:
-        c = int(counts.argmin())
-        raise ParameterError(
-            f"class {data.class_names[c]!r} has {int(counts[c])} labeled rows, fewer than "
-            f"queue={head_config.queue}: its queue would never fill and synthesis never "
-            "start; lower --queue")
+    check_class_counts(data, head_config, store.url)
     seed_attr = store.attrs.get("seed")
     clip = create_encoder(weights, seed=DEFAULT_SEED if seed_attr is None else int(seed_attr))
     tail = VisionTail(clip.visual, spec.layer)
@@ -308,7 +301,7 @@ def finetune(train_store: str, out_dir: str, *, model: str, pretrained: str | No
     }
     head_record = {
         "format": HEAD_FORMAT, **head_config.to_dict(), "dim": store.dim,
-        "num_classes": num_classes, "class_names": data.class_names,
+        "num_classes": len(data.class_names), "class_names": data.class_names,
         "classifier": "text" if data.text is not None else "prototypes",
         "classifier_trainable": data.text is None or head_config.train_text,
         "train_store": store.url, "train_rows": int(data.y.numel()), "val_store": None,

@@ -419,6 +419,21 @@ def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def check_class_counts(data: LabeledFeatures, config: HeadConfig, store_url: str) -> None:
+    """Every class needs labeled rows, and with synthesis at least ``queue`` of them (else
+    its queue never fills and synthesis never starts)."""
+    counts = torch.bincount(data.y, minlength=len(data.class_names))
+    c = int(counts.argmin())
+    if int(counts[c]) == 0:
+        raise StoreError(f"class {data.class_names[c]!r} has no labeled rows in training store "
+                         f"{store_url!r}")
+    if config.ood_weight > 0 and int(counts[c]) < config.queue:
+        raise ParameterError(
+            f"class {data.class_names[c]!r} has {int(counts[c])} labeled rows, fewer than "
+            f"queue={config.queue}: its queue would never fill and synthesis never start; "
+            "lower --queue")
+
+
 def build_head(data: LabeledFeatures, config: HeadConfig) -> tuple[HeadModel, torch.Tensor]:
     """A freshly initialized head for ``data``, seeded by ``config.seed`` without touching
     the global RNG: class weights from the text embeddings (else the normalized class means),
@@ -504,17 +519,8 @@ def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = N
 
     store = FeatureStore.open(train_store_url)
     data = load_labeled(store)
+    check_class_counts(data, config, store.url)
     num_classes, dim = len(data.class_names), data.z.shape[1]
-    counts = torch.bincount(data.y, minlength=num_classes)
-    if int(counts.min()) == 0:
-        raise StoreError(f"class {data.class_names[int(counts.argmin())]!r} has no labeled rows "
-                         f"in training store {store.url!r}")
-    if config.ood_weight > 0 and int(counts.min()) < config.queue:
-        c = int(counts.argmin())
-        raise ParameterError(
-            f"class {data.class_names[c]!r} has {int(counts[c])} labeled rows, fewer than "
-            f"queue={config.queue}: its queue would never fill and synthesis never start; "
-            "lower --queue")
     val_data = None
     if val is not None:
         val_store = FeatureStore.open(val)
