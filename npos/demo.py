@@ -104,7 +104,8 @@ def run_demo(out: str | os.PathLike = "npos-demo", *, model: str = "npos-tiny",
     encoder.
     """
     from npos.evaluate import evaluate, write_report
-    from npos.extract import extract_features, resolve_device
+    from npos.device import resolve_device
+    from npos.extract import extract_features
     from npos.store import FeatureStore, store_exists
     from npos.train_head import train_head
 

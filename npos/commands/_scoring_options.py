@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from npos.commands._common import device_option
 from npos.synthesize.config import BACKENDS as KNN_BACKENDS
 
 
@@ -29,8 +30,7 @@ def scoring_options(func):
         click.option("--mcm-temperature", type=click.FloatRange(min=0, min_open=True),
                      default=1.0, show_default=True,
                      help="Temperature T of MCM: max softmax(cos / T)."),
-        click.option("--device", default="auto", show_default=True,
-                     help="auto, cpu, cuda or cuda:N (auto = cuda when available)."),
+        device_option(),
         click.option("--batch-size", type=click.IntRange(min=1), default=65536,
                      show_default=True,
                      help="Rows per batch (rounded down to whole store chunks)."),

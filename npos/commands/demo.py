@@ -6,6 +6,8 @@ import time
 
 import click
 
+from npos.commands._common import device_option
+
 
 @click.command("demo")
 @click.option("--out", default="npos-demo", show_default=True, type=click.Path(),
@@ -16,7 +18,7 @@ import click
 @click.option("--pretrained", default="none", show_default=True,
               help="Weights: a pretrained tag (e.g. openai), an hf-hub: id, a local "
                    "checkpoint file, or none for a seeded random init.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@device_option()
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed for the data split, the random-init encoder and training.")
 @click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1),

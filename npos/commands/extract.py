@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from npos.commands._common import device_option
 from npos.store import DEFAULT_CHUNK_ROWS
 
 
@@ -24,8 +25,7 @@ from npos.store import DEFAULT_CHUNK_ROWS
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="DataLoader worker processes; 0 decodes in the main process.  "
                    "[default: min(8, CPU cores)]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True, help="auto = cuda when available. Autocast (bf16) on CUDA.")
+@device_option("Autocast on CUDA.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Storage dtype of the embeddings.")
 @click.option("--tokens-layer", type=click.IntRange(min=0), default=None, metavar="L",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from npos.commands._common import device_option
 from npos.commands._synthesis_options import synthesis_config_from_options, synthesis_options
 
 
@@ -13,8 +14,7 @@ from npos.commands._synthesis_options import synthesis_config_from_options, synt
 @synthesis_options
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds the class banks and all noise.")
-@click.option("--device", default="auto", show_default=True,
-              help="Torch device for the engine: auto (cuda if available), cpu, cuda, cuda:1.")
+@device_option("Torch device of the engine.")
 @click.option("--stats-only", is_flag=True, help="Print the summary; write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
 def command(features, out, seed, device, stats_only, overwrite, **options) -> None:

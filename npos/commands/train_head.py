@@ -7,6 +7,7 @@ from dataclasses import fields
 
 import click
 
+from npos.commands._common import device_option
 from npos.commands._synthesis_options import synthesis_config_from_options, synthesis_options
 
 
@@ -67,8 +68,7 @@ def _default(name: str):
 @synthesis_options
 @click.option("--val", help="Labeled store (same encoder and classes): accuracy per epoch.")
 @click.option("--seed", type=click.IntRange(min=0), default=_default("seed"), show_default=True)
-@click.option("--device", default="auto", show_default=True,
-              help="cpu, cuda, cuda:1, ... (auto: cuda when available).")
+@device_option()
 @click.option("--amp/--no-amp", default=_default("amp"), show_default=True,
               help="bfloat16 autocast on CUDA (no effect on CPU).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last "
@@ -82,16 +82,12 @@ def command(features: str, out: str, val: str | None, device: str, resume: bool,
     synthesis options are those of 'npos synthesize'). Writes OUT/model.safetensors and
     OUT/config.json.
     """
-    import torch
-
     from npos.train_head import HeadConfig, train_head
 
     synthesis = synthesis_config_from_options(options)
     names = {f.name for f in fields(HeadConfig)}
     config = HeadConfig(**{k: v for k, v in options.items() if k in names},
                         synthesis=synthesis)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     result = train_head(features, out, config, val=val, device=device, resume=resume,
                         overwrite=overwrite, progress=sys.stderr.isatty(), log=click.echo)
     last = result.history[-1]

@@ -124,13 +124,13 @@ def score_store(
     -------
     ScoreSummary
     """
-    from npos.evaluate.scores import resolve_device
+    from npos.device import resolve_device
 
     out = str(out)
     fmt = output_format(out)
     if fmt == "parquet":
         _require_pyarrow()
-    dist = Distributed(resolve_device(device))
+    dist = Distributed(str(resolve_device(device)))
     # Only rank 0 writes a csv/parquet file (its folder may exist on rank 0's node only);
     # a zarr output is written by every rank, so every rank checks it.
     if fmt == "zarr" or dist.shard.is_main:

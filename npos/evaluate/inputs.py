@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from npos.device import resolve_device
 from npos.errors import ParameterError
 from npos.evaluate.scores import LOGIT_SCORES, TRAIN_SCORES, OODScorer, default_scores, \
-    parse_scores, resolve_device
+    parse_scores
 from npos.store import FeatureStore
 
 
@@ -136,7 +137,7 @@ def build_scorer(
         others["train store"] = train_store
     check_same_encoder(reference, others)
 
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     head, head_path = _load_head(head, device)
     text, text_source, class_names, n_classes = None, None, None, None
     if head is not None:

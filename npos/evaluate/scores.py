@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from npos.device import resolve_device
 from npos.errors import ParameterError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,20 +81,6 @@ def default_scores(*, has_classifier: bool, has_train: bool, has_head: bool) -> 
             "no score can be computed: the store has no text embeddings, and neither --head "
             "nor --train was given (pass --train TRAIN_STORE for knn)")
     return names
-
-
-def resolve_device(device: str | None) -> str:
-    """``"auto"``/``None`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ParameterError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") \
-            from None
-    return str(device)
 
 
 def _as_tensor(x, device: str) -> torch.Tensor:
@@ -348,7 +335,7 @@ class OODScorer:
             raise ParameterError("The 'mcm_temperature' parameter must be a float > 0. Got "
                                  f"{mcm_temperature!r} instead.")
         self.mcm_temperature = float(mcm_temperature)
-        self.device = resolve_device(device)
+        self.device = str(resolve_device(device))
         self.space = HeadSpace(head, device=self.device) if head is not None \
             else EncoderSpace(text_embeddings, device=self.device)
         needs_logits = [s for s in self.scores if s in LOGIT_SCORES]

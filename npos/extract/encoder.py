@@ -39,6 +39,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import VisionTransformer
 
+from npos.device import resolve_device  # noqa: F401 - re-exported for npos.extract
 from npos.errors import NposError, ParameterError
 
 TINY_MODEL = "npos-tiny"
@@ -273,19 +274,6 @@ def load_encoder(model: str | Weights, pretrained: str | None = None, *,
     preprocess = image_transform(image_preprocess_config(clip))
     tokenizer = open_clip.get_tokenizer(model.model if isinstance(model, Weights) else model)
     return clip, preprocess, tokenizer
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.split(":")[0] not in ("cpu", "cuda"):
-        raise ParameterError(f"device must be 'auto', 'cpu' or 'cuda'; got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ParameterError("device 'cuda' was requested but no CUDA GPU is available")
-    return torch.device(device)
 
 
 def autocast(device: torch.device):

@@ -106,7 +106,8 @@ class _Processes:
         import torch.distributed as dist
 
         if device.type == "cuda":
-            self.device = torch.device("cuda", self.local_rank)
+            if device.index is None:  # a plain "cuda" means this rank's local GPU
+                self.device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
@@ -269,7 +270,8 @@ class FeatureExtractor:
     workers : int or None
         DataLoader worker processes (0: decode in the main process). Default:
         ``min(8, os.cpu_count())``.
-    device : {"auto", "cpu", "cuda"}
+    device : str
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (:func:`npos.device.resolve_device`).
     dtype : {"float16", "float32"}
         Storage dtype of ``embeddings`` (``tokens`` are always float16).
     tokens_layer : int or None

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from npos.device import resolve_device
 from npos.extract.encoder import autocast
 from npos.finetune.tail import VisionTail
 from npos.finetune.tokens import iter_token_blocks
@@ -74,7 +75,7 @@ def embed_store(tail: VisionTail, source: FeatureStore, out: str, *, attrs: Mapp
     """
     from tqdm.auto import tqdm
 
-    device = torch.device(device)
+    device = resolve_device(device)
     tail.eval()
     source.readable_rows(complete=True)  # refuse an unfinished source up front
     target = FeatureStore.create(

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from npos.device import resolve_device
 from npos.errors import ParameterError, StoreError, StoreExistsError
 from npos.store import IDENTITY_KEYS, FeatureStore, store_exists
 from npos.synthesize._kth import DEFAULT_MEMORY_BUDGET
@@ -193,12 +194,6 @@ class OfflineSynthesis:
         return lines
 
 
-def _resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queue: int = 1000,
                      seed: int = 0, device=None,
                      memory_budget: int = DEFAULT_MEMORY_BUDGET) -> OfflineSynthesis:
@@ -220,7 +215,7 @@ def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queu
     config.validate(bank_size=queue)
     if not isinstance(store, FeatureStore):
         store = FeatureStore.open(store)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     labels = torch.from_numpy(store.read("labels").astype(np.int64))
     if not (labels >= 0).any():
         raise StoreError(f"store {store.url!r} has no labelled rows; synthesis needs class labels")

@@ -29,6 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from npos import __version__
+from npos.device import resolve_device
 from npos.errors import IncompatibleStoreError, NposError, ParameterError, StoreError
 from npos.synthesize import ClassQueues, synthesize
 from npos.train_head.checkpoint import (FORMAT, CheckpointError,
@@ -506,7 +507,7 @@ def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = N
 
     config = config or HeadConfig()
     config.validate()
-    device = torch.device(device)
+    device = resolve_device(device)
     out_path = Path(out_dir)
     partial = _partial_dir(out_path)
     if out_path.exists() and not overwrite:
