@@ -1,6 +1,6 @@
 """Epoch time of head training on an ImageNet-100-shaped cache, with and without synthesis.
 
-The cache is generated (:func:`npos.train_head.benchmark_data.make_feature_world`) with the
+The cache is generated (:func:`benchmarks.feature_world.make_feature_world`) with the
 shape of CLIP ViT-B/16 features of ImageNet-100: 100 classes x ~1260 rows, D=512. Training
 runs the real objective and loop (:class:`~npos.train_head.HeadObjective`,
 :func:`~npos.train_head.run_epoch`) with the paper's synthesis sizes (Q=1000, K=400,
@@ -22,8 +22,8 @@ stay those of ImageNet-100; epoch time and synthesis cost are both linear in the
 
 Usage::
 
-    python benchmarks/train_head.py                              # full shape
-    python benchmarks/train_head.py --classes 10 --steps 5       # 2-core CPU box
+    python -m benchmarks.train_head                              # full shape
+    python -m benchmarks.train_head --classes 10 --steps 5       # 2-core CPU box
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ import time
 import torch
 from torch.nn import functional as F
 
+from benchmarks.feature_world import make_feature_world
 from npos.synthesize import SynthesisConfig
 from npos.train_head import HeadConfig, HeadModel, HeadObjective, run_epoch
-from npos.train_head.benchmark_data import make_feature_world
 
 PAPER = SynthesisConfig(k=400, select=300, pick=3, candidates=1500, keep=2)
 MODES = {
@@ -120,12 +120,14 @@ def main(argv=None) -> None:
         config = dataclasses.replace(base, **MODES[mode])
         results[mode] = time_mode(z, y, text, config, args.steps, device)
         r = results[mode]
-        print(f"{mode:13s} step {1000 * r['total']:8.1f} ms  (synthesis {1000 * r['synthesis']:8.1f}"
+        print(f"{mode:13s} step {1000 * r['total']:8.1f} ms  "
+              f"(synthesis {1000 * r['synthesis']:8.1f}"
               f", queue {1000 * r['queue']:6.2f}, rest {1000 * r['rest']:6.2f})  "
               f"epoch {r['total'] * steps_per_epoch:8.1f} s", flush=True)
     if "no-synthesis" in results:
         baseline = results["no-synthesis"]["total"]
-        print("\n| mode | ms/step | synthesis ms | queue ms | rest ms | epoch s | vs no-synthesis |")
+        print("\n| mode | ms/step | synthesis ms | queue ms | rest ms | epoch s "
+              "| vs no-synthesis |")
         print("|---|---|---|---|---|---|---|")
         for mode, r in results.items():
             print(f"| {mode} | {1000 * r['total']:.1f} | {1000 * r['synthesis']:.1f} | "
