@@ -15,7 +15,7 @@ The data are generated, not real embeddings: unit vectors drawn around ``--clust
 centres (cosine to the centre ~0.8, like CLIP image embeddings of one class), queries drawn
 from the same mixture. IVF recall depends on this structure; report it with the numbers.
 
-Usage: ``python benchmarks/scoring.py [--rows 200000] [--bank 200000] [--queries 5000]``
+Usage: ``python -m benchmarks.scoring [--rows 200000] [--bank 200000] [--queries 5000]``
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def bench_knn(args, rng: np.random.Generator) -> None:
     print("| backend | build s | search s | queries/s | speedup vs faiss-flat | recall@K | "
           "max abs score change |\n|---|---:|---:|---:|---:|---:|---:|")
     for backend, (fit_s, search_s, dist, ids, index) in results.items():
-        hits = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ids, exact_ids)])
+        hits = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ids, exact_ids, strict=True)])
         change = float(np.max(np.abs(dist[:, k - 1] - exact_dist[:, k - 1])))
         extra = (f" (nlist {index.nlist_}, nprobe {index.nprobe_[k]})"
                  if backend == "faiss-ivf" else "")
@@ -143,7 +143,7 @@ def bench_knn(args, rng: np.random.Generator) -> None:
         t = time.perf_counter()
         dist, ids = ivf.search(queries, k)
         search_s = time.perf_counter() - t
-        hits = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ids, exact_ids)])
+        hits = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ids, exact_ids, strict=True)])
         change = float(np.max(np.abs(dist[:, k - 1] - exact_dist[:, k - 1])))
         print(f"| {nprobe} | {search_s:.2f} | {base / search_s:.2f} | {hits:.4f} | "
               f"{change:.2e} |")

@@ -20,7 +20,7 @@ peak working memory of each (CPU: the process's resident-set high-water mark abo
 held before, via /proc; CUDA: ``torch.cuda.max_memory_allocated``). ``--primitives`` also
 times the k-th-value candidates on one (classes, rows, Q) similarity block.
 
-    python benchmarks/synthesis.py --shape in100 --classes 20
+    python -m benchmarks.synthesis --shape in100 --classes 20
 """
 
 from __future__ import annotations
