@@ -103,8 +103,8 @@ def run_demo(out: str | os.PathLike = "npos-demo", *, model: str = "npos-tiny",
     rewritten on every run; the cached features are reused when they were made by the same
     encoder.
     """
-    from npos.evaluate import evaluate, write_report
     from npos.device import resolve_device
+    from npos.evaluate import evaluate, write_report
     from npos.extract import extract_features
     from npos.store import FeatureStore, store_exists
     from npos.train_head import train_head

@@ -26,7 +26,7 @@ import datetime as _dt
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -47,11 +47,19 @@ CORE_ARRAYS = ("embeddings", "labels", "ids", "done")
 DEFAULT_CHUNK_ROWS = 4096
 
 
-def _open_group(url: str, mode: str) -> zarr.Group:
+def _open_group(url: str, mode: Literal["r", "r+", "w"]) -> zarr.Group:
     try:
         return zarr.open_group(str(url), mode=mode)
     except FileNotFoundError:  # zarr's GroupNotFoundError derives from it too
         raise StoreNotFoundError(f"no feature store at {str(url)!r}") from None
+
+
+def _group_array(group: zarr.Group, name: str, url: str) -> zarr.Array:
+    """``group[name]``, which must be an array (zarr types it as array or subgroup)."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"store {url!r}: {name!r} is a group, not an array")
+    return node
 
 
 def store_exists(url: str) -> bool:
@@ -218,9 +226,9 @@ class FeatureStore:
         return cls(group, url, writable=True)
 
     @classmethod
-    def open(cls, url: str, mode: str = "r") -> FeatureStore:
+    def open(cls, url: str, mode: Literal["r", "r+"] = "r") -> FeatureStore:
         """Open an existing store, read-only (``"r"``) or for writing (``"r+"``)."""
-        if mode not in ("r", "r+"):
+        if mode != "r" and mode != "r+":  # checked at run time too: callers pass strings
             raise ParameterError(f"mode must be 'r' or 'r+'; got {mode!r}")
         return cls(_open_group(url, mode), url, writable=mode == "r+")
 
@@ -237,19 +245,19 @@ class FeatureStore:
 
     @property
     def n_rows(self) -> int:
-        return int(self._group.attrs["n_rows"])
+        return int(self._attr("n_rows"))
 
     @property
     def dim(self) -> int:
-        return int(self._group.attrs["dim"])
+        return int(self._attr("dim"))
 
     @property
     def dtype(self) -> str:
-        return str(self._group.attrs["dtype"])
+        return str(self._attr("dtype"))
 
     @property
     def chunk_rows(self) -> int:
-        return int(self._group.attrs["chunk_rows"])
+        return int(self._attr("chunk_rows"))
 
     @property
     def n_chunks(self) -> int:
@@ -257,12 +265,17 @@ class FeatureStore:
 
     @property
     def kind(self) -> str:
-        return str(self._group.attrs["kind"])
+        return str(self._attr("kind"))
 
     @property
     def class_names(self) -> list[str] | None:
-        names = self._group.attrs.get("class_names")
+        names = self._attr("class_names", None)
         return list(names) if names is not None else None
+
+    def _attr(self, key: str, *default: Any) -> Any:
+        # zarr types attribute values as JSON (a union); the schema fixes each key's type.
+        attrs = self._group.attrs
+        return attrs.get(key, *default) if default else attrs[key]
 
     def fingerprint(self) -> dict[str, Any]:
         """The identity attributes (encoder, weights, preprocessing, dim) of this store."""
@@ -291,7 +304,7 @@ class FeatureStore:
         if name not in self._arrays:
             if not self.has(name):
                 raise StoreError(f"store {self.url!r} has no array {name!r}")
-            self._arrays[name] = self._group[name]
+            self._arrays[name] = _group_array(self._group, name, self.url)
         return self._arrays[name]
 
     def array(self, name: str) -> zarr.Array:
@@ -338,7 +351,7 @@ class FeatureStore:
                 f"chunk_rows={self.chunk_rows}")
         shape = (self.n_rows, *map(int, row_shape))
         if self.has(name):
-            existing = self._group[name]
+            existing = _group_array(self._group, name, self.url)
             same_dtype = (_is_string(existing.dtype) and _is_string(dtype)) or \
                 (not _is_string(dtype) and existing.dtype == np.dtype(dtype))
             if tuple(existing.shape) != shape or not same_dtype:
@@ -361,7 +374,7 @@ class FeatureStore:
             del self._group[name]
             self._arrays.pop(name, None)
         arr = self._group.create_array(name, shape=data.shape, dtype=data.dtype,
-                                       chunks=data.shape or None)
+                                       chunks=data.shape or "auto")
         arr[...] = data
 
     def write_chunk(self, index: int, **arrays: np.ndarray) -> None:
@@ -406,7 +419,7 @@ class FeatureStore:
                 "(finish the run that writes it, or check it with 'npos store verify')")
         mask = np.repeat(done, self.chunk_rows)[: self.n_rows]
         if self.has("valid"):
-            mask &= np.asarray(self._group["valid"][:], dtype=bool)
+            mask &= np.asarray(self._array("valid")[:], dtype=bool)
         return mask
 
     def read(self, name: str = "embeddings", *, complete: bool = True, dtype: str | None = None,
@@ -504,30 +517,30 @@ class FeatureStore:
                 problems.append(f"missing array {name!r}")
         if problems:
             return problems
-        emb = self._group["embeddings"]
+        emb = self._array("embeddings")
         if tuple(emb.shape) != (self.n_rows, self.dim):
             problems.append(f"embeddings has shape {tuple(emb.shape)}, attributes say "
                             f"({self.n_rows}, {self.dim})")
         for name in keys - {"done", "text_embeddings"}:
-            arr = self._group[name]
+            arr = self._array(name)
             if arr.shape[:1] != (self.n_rows,) and name not in ("failed",):
                 problems.append(f"array {name!r} has {arr.shape[0]} rows, expected {self.n_rows}")
-        if self._group["done"].shape != (self.n_chunks,):
-            problems.append(f"done has shape {self._group['done'].shape}, expected "
+        if self._array("done").shape != (self.n_chunks,):
+            problems.append(f"done has shape {self._array('done').shape}, expected "
                             f"({self.n_chunks},)")
             return problems
         if "text_embeddings" in keys:
-            text_shape = tuple(self._group["text_embeddings"].shape)
-            n_classes = len(self.class_names or [])
-            if text_shape != (n_classes, self.dim):
+            text_shape = tuple(self._array("text_embeddings").shape)
+            n_text = len(self.class_names or [])
+            if text_shape != (n_text, self.dim):
                 problems.append(f"text_embeddings has shape {text_shape}, expected "
-                                f"({n_classes}, {self.dim})")
+                                f"({n_text}, {self.dim})")
         missing = self.missing_chunks()
         if missing:
             shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
             problems.append(f"{len(missing)}/{self.n_chunks} chunks not done: {shown}")
         if check_values and not problems:
-            valid = (np.asarray(self._group["valid"][:], dtype=bool) if "valid" in keys
+            valid = (np.asarray(self._array("valid")[:], dtype=bool) if "valid" in keys
                      else np.ones(self.n_rows, dtype=bool))
             labels_bad = 0
             n_classes = len(self.class_names) if self.class_names is not None else None
@@ -543,7 +556,7 @@ class FeatureStore:
                         f"{rows.size} rows with NaN/Inf embeddings in rows {start}..{stop - 1} "
                         f"(first row {rows[0]}, chunks {', '.join(map(str, chunks[:10]))})")
                 if n_classes is not None:
-                    lab = np.asarray(self._group["labels"][start:stop])
+                    lab = np.asarray(self._array("labels")[start:stop])
                     labels_bad += int(((lab < -1) | (lab >= n_classes)).sum())
             if labels_bad:
                 problems.append(f"{labels_bad} labels outside [-1, {n_classes})")
