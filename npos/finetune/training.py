@@ -203,6 +203,7 @@ def finetune(train_store: str, out_dir: str, *, model: str, pretrained: str | No
     -------
     FinetuneResult
     """
+    # Over ~60 lines by its docstring only (the body is ~25 lines of wiring).
     head_config = head_config or HeadConfig()
     config = config or FinetuneConfig()
     _check_settings(head_config, config, overwrite=overwrite, resume=resume)
@@ -218,21 +219,24 @@ def finetune(train_store: str, out_dir: str, *, model: str, pretrained: str | No
                 "head_config": head_config.to_dict(), "finetune": dataclasses.asdict(config)}
 
     # ---- training (or its saved result, when resuming after it finished)
-    if resume and (out / TAIL_CONFIG).exists():
-        # Read as is: a run killed between writing the weights and tail.json leaves a
-        # description of older weights, which the partial state replaces.
-        check_same_settings(json.loads((out / TAIL_CONFIG).read_text(encoding="utf-8")),
-                            record, out / TAIL_CONFIG)
-    if resume and (out / TAIL_CONFIG).exists() and (out / HEAD_DIR).exists():
-        tail_config = _finished(out, inputs.tail)
+    tail_config = _finished(out, inputs.tail, record) if resume else None
+    if tail_config is not None:
         history, first_epoch = list(tail_config["history"]), head_config.epochs
         say(f"training already finished in {str(out)!r}; re-embedding what is left")
     else:
         tail_config, history, first_epoch = _train(
             inputs, record, settings, head_config, config, out, device,
             resume=resume, progress=progress, say=say)
+    stores = _reembed(inputs, tail_config, out, config, device, resume=resume,
+                      progress=progress, say=say)
+    return FinetuneResult(str(out), tail_config, str(out / HEAD_DIR), stores, history,
+                          first_epoch)
 
-    # ---- re-embedding
+
+def _reembed(inputs: _Inputs, tail_config: Mapping[str, Any], out: Path,
+             config: FinetuneConfig, device: torch.device, *, resume: bool,
+             progress: bool | None, say: Callable[[str], None]) -> dict[str, str]:
+    """Write every ``--embed`` store, re-embedded by the tuned tail, as ``OUT/NAME.zarr``."""
     stores: dict[str, str] = {}
     for name, source in inputs.sources.items():
         url = str(out / f"{name}.zarr")
@@ -245,13 +249,21 @@ def finetune(train_store: str, out_dir: str, *, model: str, pretrained: str | No
                     progress=progress)
         stores[name] = url
         say(f"re-embedded {source.url!r} -> {url!r}")
-    return FinetuneResult(str(out), tail_config, str(out / HEAD_DIR), stores, history,
-                          first_epoch)
+    return stores
 
 
-def _finished(out: Path, tail: VisionTail) -> dict[str, Any]:
+def _finished(out: Path, tail: VisionTail, record: Mapping[str, Any]) -> dict[str, Any] | None:
     """The tail's description of a run whose training finished (its weights loaded into
-    ``tail``), checked to belong with the head beside it."""
+    ``tail``), checked to have this run's settings and to belong with the head beside it;
+    None if training has not finished."""
+    if not (out / TAIL_CONFIG).exists():
+        return None
+    # Read as is: a run killed between writing the weights and tail.json leaves a
+    # description of older weights, which the partial state replaces.
+    check_same_settings(json.loads((out / TAIL_CONFIG).read_text(encoding="utf-8")), record,
+                        out / TAIL_CONFIG)
+    if not (out / HEAD_DIR).exists():
+        return None
     tail_config = read_tail_config(out)
     _, head_saved = read_checkpoint_dir(out / HEAD_DIR)
     if head_saved.get("fingerprint") != tail_config["fingerprint"]:
