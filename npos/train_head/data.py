@@ -126,7 +126,8 @@ class FeatureBatches:
                  device: torch.device) -> None:
         self.z, self.y = _place(z, device), y.to(device)
         self.batch_size, self.device = batch_size, device
-        self.steps_per_epoch = math.ceil(self.z.shape[0] / batch_size)
+        self.n_rows = int(self.z.shape[0])
+        self.steps_per_epoch = math.ceil(self.n_rows / batch_size)
 
     def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(z, y)`` batches of one epoch in the order ``generator`` draws."""

@@ -23,7 +23,8 @@ STATE_FORMAT = "npos.head-state/1"
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer's state as (tensors for safetensors, JSON-ready rest)."""
     sd = optimizer.state_dict()
-    tensors, meta = {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, dict[str, Any]] = {}
     for pid, entry in sd["state"].items():
         meta[str(pid)] = {}
         for name, value in entry.items():

@@ -62,7 +62,8 @@ class EpochStats:
     steps: int = 0
     synth_steps: int = 0
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | None]:
+        """Per-step means and the accuracy: one history entry's statistics."""
         return {"id_loss": self.id_loss / max(self.steps, 1),
                 "outlier_loss": (self.outlier_loss / self.outlier_steps
                                  if self.outlier_steps else None),

@@ -53,7 +53,7 @@ class _ProducedBatches:
 
     def __init__(self, features: FeatureBatches, producer: _Producer) -> None:
         self.features, self.producer = features, producer
-        self.steps_per_epoch, self.n_rows = features.steps_per_epoch, features.z.shape[0]
+        self.steps_per_epoch, self.n_rows = features.steps_per_epoch, features.n_rows
 
     def epoch(self, generator):
         for x, y in self.features.epoch(generator):
@@ -61,7 +61,7 @@ class _ProducedBatches:
 
 
 def _run(partial, config=CONFIG, *, record=None, resume=False, log=None, per_sample=False,
-         epoch_fn=run_epoch):
+         progress=False, epoch_fn=run_epoch):
     """One (possibly resumed) run; returns (trainer, saved outputs)."""
     data = _data()
     model, means = build_head(data, config)
@@ -69,7 +69,7 @@ def _run(partial, config=CONFIG, *, record=None, resume=False, log=None, per_sam
     objective = HeadObjective(model, config, cider_prototypes=means)
     trainer = Trainer(objective, partial=partial, record=record or config.to_dict(),
                       extra={"producer": (producer, 0.5)}, name="run", per_sample=per_sample,
-                      log=log, epoch_fn=epoch_fn)
+                      progress=progress, log=log, epoch_fn=epoch_fn)
     if resume:
         trainer.resume()
     source = _ProducedBatches(FeatureBatches(data.z, data.y, config.batch_size,
@@ -205,3 +205,24 @@ def test_run_epoch_gets_the_epoch_and_the_schedule(tmp_path):
     _run(tmp_path / "p", dataclasses.replace(CONFIG, epochs=2), epoch_fn=spy)
     # 60 rows in batches of 16: 4 steps per epoch, 8 in all; cosine from 1 down to 0.
     assert calls == [(0, 0, 1.0, 0.0), (1, 4, 1.0, 0.0)]
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_progress_bars_count_steps_or_samples_and_change_nothing(whole, tmp_path, monkeypatch,
+                                                                 per_sample):
+    import tqdm.auto
+
+    closed = []
+
+    class Recording(tqdm.auto.tqdm):
+        def close(self):
+            if not self.disable:  # close runs again on deletion, then disabled
+                closed.append((self.desc, self.n, self.total, self.unit))
+            super().close()
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    _, out = _run(tmp_path / "p", progress=True, per_sample=per_sample)
+    _assert_same_weights(out, whole)
+    # 60 rows in 4 steps per epoch: each bar ends full, at 60 samples or 4 steps.
+    expected = (60, 60, "img") if per_sample else (4, 4, "step")
+    assert closed == [(f"epoch {e}/4", *expected) for e in (1, 2, 3, 4)]
