@@ -44,6 +44,7 @@ from npos.extract.encoder import (DEFAULT_SEED, autocast, create_encoder,
                                   encode_image_tokens, image_preprocess_config, image_transform,
                                   resolve_device, resolve_weights)
 from npos.extract.text import DEFAULT_TEMPLATES, load_templates, text_embeddings, validate_templates
+from npos.log import third_party_logs
 from npos.store import DEFAULT_CHUNK_ROWS, FeatureStore, store_exists
 from npos.validation import check_choice, check_int
 
@@ -551,7 +552,8 @@ def _image_shape(preprocess: dict[str, Any]) -> tuple[int, int, int]:
 def _tokenizer(model: str):
     import open_clip
 
-    return open_clip.get_tokenizer(model)
+    with third_party_logs():  # open_clip's logging.info() would configure the root logger
+        return open_clip.get_tokenizer(model)
 
 
 def _text_embeddings_ok(store: FeatureStore, n_classes: int, dim: int) -> bool:
