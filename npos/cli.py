@@ -52,7 +52,7 @@ class NposGroup(click.Group):
 @click.version_option(__version__, "--version", prog_name="npos")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.option("-v", "--verbose", count=True,
-              help="Also show debug messages (incl. third-party libraries' chatter).")
+              help="Also show debug messages.")
 @click.option("-q", "--quiet", is_flag=True,
               help="Show warnings and errors only (no epoch lines or step messages).")
 @click.pass_context

@@ -9,7 +9,7 @@ Where output goes:
 * errors — one line from the CLI (``npos.cli``), exit code 2.
 
 npos never touches the root logger: no ``logging.basicConfig``, no handler or level on root.
-The ``npos`` logger has a ``NullHandler`` (the library convention), so an application that
+The ``npos`` logger has a ``NullHandler`` (the library convention; ``npos/__init__.py``), so an application that
 configures logging decides what it sees. The CLI attaches **one** handler to the ``npos``
 logger for the duration of a command (:func:`cli_logging`; ``-q`` warnings only, ``-v``
 debug).
@@ -36,7 +36,6 @@ LOGGER_NAME = "npos"
 #: open_clip's warning for every random-init model; npos asks for random init explicitly.
 OPEN_CLIP_RANDOM_INIT = "No pretrained weights loaded"
 
-logging.getLogger(LOGGER_NAME).addHandler(logging.NullHandler())
 _EXTERNAL = logging.getLogger(f"{LOGGER_NAME}.external")
 
 
