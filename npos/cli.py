@@ -51,8 +51,7 @@ class NposGroup(click.Group):
 @click.group(cls=NposGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="npos")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
-@click.option("-v", "--verbose", count=True,
-              help="Also show debug messages.")
+@click.option("-v", "--verbose", count=True, help="Also show debug messages.")
 @click.option("-q", "--quiet", is_flag=True,
               help="Show warnings and errors only (no epoch lines or step messages).")
 @click.pass_context

@@ -102,7 +102,8 @@ def _leaf_tables(data: Mapping[str, Any], commands: Mapping[str, click.Command],
     for name, value in data.items():
         command: click.Command | None = None
         level, label = commands, where
-        for part in name.split():  # ["store import"] and [store.import] are the same table
+        # ["store import"] and [store.import] are the same table
+        for part in name.split() or [name]:
             command = level.get(part) if level is not None else None
             if command is None:
                 known = ", ".join(sorted(level or {}))
