@@ -175,7 +175,7 @@ def score_store(
         target = None
         if fmt == "zarr":
             if dist.shard.is_main:
-                target = _create_score_store(fs, out, names, setup, overwrite)
+                target = _create_score_store(fs, out, names, setup, settings, overwrite)
             dist.barrier()
             if target is None:
                 target = FeatureStore.open(out, mode="r+")
@@ -219,12 +219,11 @@ def _score_shard(scorer, fs: FeatureStore, batch_size: int, shard: Shard,
 
 
 def _create_score_store(fs: FeatureStore, out: str, names: list[str], setup: ScoringSetup,
-                        overwrite: bool) -> FeatureStore:
+                        settings: dict[str, Any], overwrite: bool) -> FeatureStore:
     target = FeatureStore.create(
         out, n_rows=fs.n_rows, dim=len(names), dtype="float32", chunk_rows=fs.chunk_rows,
         kind="scores", class_names=fs.class_names, overwrite=overwrite,
-        attrs={"score_names": names, "scoring": setup.settings(),
-               "settings": setup.record(store=fs.url),
+        attrs={"score_names": names, "scoring": setup.settings(), "settings": settings,
                "source_store": {"url": fs.url, "fingerprint": fs.fingerprint()}})
     if fs.has("valid"):
         target.add_array("valid", (), "bool", fill_value=True)

@@ -64,9 +64,10 @@ class ScoringSetup:
         """The parameters that produced the scores, flat (the ``scoring`` attribute of a
         ``.zarr`` score store; kept in its original form)."""
         config = self.config
-        knn = "knn" in config.scores
+        scores = list(config.scores or ())
+        knn = "knn" in scores
         flat = {
-            "scores": list(config.scores),
+            "scores": scores,
             "space": self.scorer.space.name,
             "head": self.head_path,
             "train": self.train_url,
@@ -154,10 +155,10 @@ def build_scorer(
         n_classes = len(class_names) if class_names is not None else None
     else:
         # The train store defines the ID classes; fall back to the (first) scored store.
-        for store in (train_store, reference):
-            if store is not None and store.has("text_embeddings"):
-                text = store.read_extra("text_embeddings", dtype="float32")
-                text_source, class_names, n_classes = store.url, store.class_names, len(text)
+        for source in (train_store, reference):
+            if source is not None and source.has("text_embeddings"):
+                text = source.read_extra("text_embeddings", dtype="float32")
+                text_source, class_names, n_classes = source.url, source.class_names, len(text)
                 break
     if names is None:
         names = default_scores(has_classifier=head is not None or text is not None,
