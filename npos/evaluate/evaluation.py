@@ -35,7 +35,7 @@ class EvaluationResult:
     ood_scores : dict of str to dict of str to ndarray of shape (n_ood,)
     settings : dict
         What produced the metrics (:meth:`ScoringSetup.record`): ``npos_version``,
-        ``scoring`` (the resolved :class:`ScoringConfig`), the input stores ``id``, ``ood``,
+        ``config`` (the resolved :class:`ScoringConfig`), the input stores ``id``, ``ood``,
         ``train``, ``head``, and ``model``, ``dim``, ``rows``, ``space``,
         ``text_embeddings_from``, ``detectors`` (what fitting chose, e.g. the kNN backend).
     """

@@ -82,10 +82,10 @@ class ScoringSetup:
 
     def record(self, **inputs: Any) -> dict[str, Any]:
         """The ``settings`` record of ``metrics.json`` and score files: npos version, the
-        resolved :class:`ScoringConfig` (``scoring``), the input stores (``inputs`` plus
-        ``train`` and ``head``), the space, where the class embeddings came from, and what
-        fitted detectors chose (``detectors``)."""
-        return {"npos_version": __version__, "scoring": self.config.to_dict(), **inputs,
+        resolved :class:`ScoringConfig` (``config``, as in a head's ``config.json``), the
+        input stores (``inputs`` plus ``train`` and ``head``), the space, where the class
+        embeddings came from, and what fitted detectors chose (``detectors``)."""
+        return {"npos_version": __version__, "config": self.config.to_dict(), **inputs,
                 "train": self.train_url, "head": self.head_path,
                 "space": self.scorer.space.name, "text_embeddings_from": self.text_source,
                 "detectors": self.detector_facts()}

@@ -82,7 +82,7 @@ def render_markdown(result: EvaluationResult) -> str:
                                               " (zero-shot: class text embeddings)"),
               f"- train store: `{s['train']}`" if s.get("train") else "- train store: none",
               f"- scores: {', '.join(result.metrics)} (higher = more in-distribution)"]
-    scoring = s.get("scoring") or {}
+    scoring = s.get("config") or {}
     if s.get("npos_version"):
         lines.append(f"- npos {s['npos_version']}, device {scoring.get('device')}")
     if "mcm" in result.metrics:

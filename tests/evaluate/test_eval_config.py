@@ -67,7 +67,7 @@ def test_config_and_former_keywords_give_the_same_result(world):
                  knn_backend="torch", device="cpu", batch_size=64, train=world["train"])
     assert a.metrics == b.metrics and a.settings == b.settings
     c = evaluate(world["test"], {"far": world["far"]}, config, knn_k=3, train=world["train"])
-    assert c.settings["scoring"]["knn_k"] == 3
+    assert c.settings["config"]["knn_k"] == 3
 
 
 def test_build_scorer_resolves_the_config(world):
@@ -88,8 +88,8 @@ def test_metrics_json_records_the_settings(world):
     settings = doc["settings"]
     assert settings["npos_version"] == npos.__version__
     # The full resolved config: the default scores that were computed, the concrete device.
-    assert settings["scoring"] == {**config.to_dict(), "scores": ["mcm", "knn"]}
-    assert ScoringConfig.from_dict(settings["scoring"]).scores == ("mcm", "knn")
+    assert settings["config"] == {**config.to_dict(), "scores": ["mcm", "knn"]}
+    assert ScoringConfig.from_dict(settings["config"]).scores == ("mcm", "knn")
     assert settings["id"] == world["test"] and settings["train"] == world["train"]
     assert settings["ood"] == {"far": world["far"], "near": world["near"]}
     assert settings["head"] is None and settings["space"] == "encoder"
@@ -115,7 +115,7 @@ def test_score_files_record_the_settings(world):
     assert records[".csv"] == records[".parquet"] == records[".zarr"]
     record = records[".csv"]
     assert record["npos_version"] == npos.__version__ and record["store"] == world["near"]
-    assert record["scoring"] == {"scores": ["mcm", "knn"], "knn_k": 3, "knn_backend": "torch",
+    assert record["config"] == {"scores": ["mcm", "knn"], "knn_k": 3, "knn_backend": "torch",
                                  "mcm_temperature": 1.0, "device": "cpu", "batch_size": 64}
     assert record["train"] == world["train"]
     # The csv itself stays plain: pandas and csv read it without options.
@@ -136,6 +136,6 @@ def test_csv_settings_sidecar_follows_overwrite(world):
         score_store(world["test"], out, scores="mcm", device="cpu")
     assert not out.exists() and sidecar.read_text() == "{}"
     score_store(world["test"], out, scores="mcm", device="cpu", overwrite=True)
-    assert json.loads(sidecar.read_text())["scoring"]["scores"] == ["mcm"]
+    assert json.loads(sidecar.read_text())["config"]["scores"] == ["mcm"]
     score_store(world["test"], out, scores="mcm,energy", device="cpu", overwrite=True)
-    assert json.loads(sidecar.read_text())["scoring"]["scores"] == ["mcm", "energy"]
+    assert json.loads(sidecar.read_text())["config"]["scores"] == ["mcm", "energy"]

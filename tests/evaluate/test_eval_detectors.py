@@ -256,7 +256,7 @@ def test_registered_detector_from_npos_evaluate(world, registered):
     assert "| maxcos" in result.output and "| centroid" in result.output
     doc = json.loads((out / "metrics.json").read_text())
     assert list(doc["scores"]) == ["mcm", "maxcos", "centroid"]
-    assert doc["settings"]["scoring"]["scores"] == ["mcm", "maxcos", "centroid"]
+    assert doc["settings"]["config"]["scores"] == ["mcm", "maxcos", "centroid"]
     cos = {n: (_unit(world[f"z_{n}"]) @ _unit(world["text"]).T).max(1)
            for n in ("test", "far", "near")}
     for ood in ("far", "near"):
