@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from npos import __version__
 from npos.device import resolve_device
 from npos.errors import ParameterError
 from npos.evaluate.config import ScoringConfig, scoring_config
 from npos.evaluate.detectors import default_scores, names_where
 from npos.evaluate.scorer import OODScorer
+from npos.settings import settings_record
 from npos.store import FeatureStore
 
 
@@ -85,10 +85,10 @@ class ScoringSetup:
         resolved :class:`ScoringConfig` (``config``, as in a head's ``config.json``), the
         input stores (``inputs`` plus ``train`` and ``head``), the space, where the class
         embeddings came from, and what fitted detectors chose (``detectors``)."""
-        return {"npos_version": __version__, "config": self.config.to_dict(), **inputs,
-                "train": self.train_url, "head": self.head_path,
-                "space": self.scorer.space.name, "text_embeddings_from": self.text_source,
-                "detectors": self.detector_facts()}
+        return settings_record(config=self.config, **inputs, train=self.train_url,
+                               head=self.head_path, space=self.scorer.space.name,
+                               text_embeddings_from=self.text_source,
+                               detectors=self.detector_facts())
 
 
 def _load_head(head: Any, device: str) -> tuple[Any, str | None]:
