@@ -97,7 +97,7 @@ def make_head(store, workdir: Path, args):
 def bench_knn(args, rng: np.random.Generator) -> None:
     import torch
 
-    from npos.synthesize.knn import KnnIndex
+    from npos.knn import KnnIndex
 
     dim, k = args.dim, args.k
     centres = rng.standard_normal((args.clusters, dim)).astype(np.float32)

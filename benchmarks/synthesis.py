@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from npos.synthesize import SynthesisConfig, synthesize
-from npos.synthesize._kth import DEFAULT_MEMORY_BUDGET, kth_largest_
+from npos.knn.kth import DEFAULT_MEMORY_BUDGET, kth_largest_
 from npos.synthesize.engine import _chunk_size, draw_noise, draw_positions
 
 SHAPES = {

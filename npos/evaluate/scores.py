@@ -142,7 +142,7 @@ class KNNScore:
 
     def fit(self, bank) -> KNNScore:
         """Index the train features ``bank`` of shape (n_bank, D) (normalized inside)."""
-        from npos.synthesize.knn import KnnIndex
+        from npos.knn import KnnIndex
 
         n_bank = len(bank)
         if self.k > n_bank:
