@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from npos.extract import FeatureExtractor, load_encoder  # noqa: E402
 from npos.extract.datasets import decode_image, load_image_source  # noqa: E402
 from npos.device import resolve_device  # noqa: E402
-from npos.extract.encoder import autocast  # noqa: E402
+from npos.encoder import autocast  # noqa: E402
 
 
 def make_images(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:

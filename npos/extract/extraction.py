@@ -40,9 +40,9 @@ import torch
 from npos.errors import IncompatibleStoreError, NposError, ParameterError, StoreError
 from npos.extract.datasets import (ImageDataset, ImageDecodeError, ImageSource,
                                    load_image_source, read_class_names, readable_class_names)
-from npos.extract.encoder import (DEFAULT_SEED, autocast, create_encoder,
-                                  encode_image_tokens, image_preprocess_config, image_transform,
-                                  resolve_device, resolve_weights)
+from npos.device import resolve_device
+from npos.encoder import (DEFAULT_SEED, autocast, create_encoder, encode_image_tokens,
+                          image_preprocess_config, image_transform, resolve_weights)
 from npos.extract.text import DEFAULT_TEMPLATES, load_templates, text_embeddings, validate_templates
 from npos.store import DEFAULT_CHUNK_ROWS, FeatureStore, store_exists
 from npos.validation import check_choice, check_int
@@ -373,7 +373,7 @@ class FeatureExtractor:
         weights = resolve_weights(self.model, self.pretrained)
         clip = create_encoder(weights, seed=self.seed).to(device)
         preprocess = image_preprocess_config(clip)
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device, self.dtype):
             probe = torch.zeros((1, *_image_shape(preprocess)), device=device)
             if self.tokens_layer is None:
                 dim, token_shape = int(clip.encode_image(probe).shape[-1]), None
@@ -477,7 +477,7 @@ class FeatureExtractor:
                     row, reason = next((r, e) for r, e in zip(rows.tolist(), reasons) if e)
                     raise ImageDecodeError(source.path(row), reason)
                 images = images.to(device, non_blocking=True)
-                with torch.inference_mode(), autocast(device):
+                with torch.inference_mode(), autocast(device, store.dtype):
                     if token_shape is None:
                         emb, tok = clip.encode_image(images), None
                     else:

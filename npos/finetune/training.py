@@ -37,7 +37,7 @@ import torch
 from npos import __version__
 from npos.errors import IncompatibleStoreError, ParameterError
 from npos.device import resolve_device
-from npos.extract.encoder import DEFAULT_SEED, create_encoder, resolve_weights
+from npos.encoder import DEFAULT_SEED, create_encoder, resolve_weights
 from npos.finetune.embedding import embed_store, embedded_attrs
 from npos.finetune.tail import (TAIL_CONFIG, TAIL_FILE, TailError, VisionTail, load_tail_weights,
                                 read_tail_config, save_tail)
