@@ -6,14 +6,14 @@ names are re-exported here. Importing this package registers npos's model config
 (``npos-tiny``) with open_clip.
 """
 
-from npos.extract.datasets import (IMAGE_EXTENSIONS, DataError, ImageDataset, ImageDecodeError,
-                                   ImageSource, decode_image, load_image_source,
-                                   read_class_names, read_classes_file, readable_class_names)
 from npos.device import resolve_device
 from npos.encoder import (DEFAULT_SEED, TINY_MODEL, Weights, WeightsUnavailableError,
                           create_encoder, encode_image_tokens, encode_tokens_tail, file_sha256,
                           image_preprocess_config, image_transform, load_encoder,
                           register_model_configs, resolve_weights)
+from npos.extract.datasets import (IMAGE_EXTENSIONS, DataError, ImageDataset, ImageDecodeError,
+                                   ImageSource, decode_image, load_image_source,
+                                   read_class_names, read_classes_file, readable_class_names)
 from npos.extract.extraction import ExtractionStats, FeatureExtractor, extract_features
 from npos.extract.text import DEFAULT_TEMPLATES, load_templates, text_embeddings
 

@@ -30,8 +30,7 @@ import torch
 from torch import nn
 
 from npos.atomic import atomic_path
-from npos.encoder import (Weights, check_tokens_layer, create_encoder, encode_tokens_tail,
-                          num_blocks)
+from npos.encoder import Weights, check_tokens_layer, create_encoder, encode_tokens_tail, num_blocks
 from npos.errors import NposError
 
 TAIL_FORMAT = "npos.tail/1"

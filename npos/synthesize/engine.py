@@ -49,10 +49,10 @@ import torch.nn.functional as F
 
 from npos.errors import ParameterError
 from npos.knn import resolve_knn_backend
-from npos.knn.index import KnnIndex
 from npos.knn.ivf import KnnCache
-from npos.knn.kth import DEFAULT_MEMORY_BUDGET, kth_similarity, similarity_to_distance
+from npos.knn.kth import DEFAULT_MEMORY_BUDGET, kth_similarity  # noqa: F401 - old import path
 from npos.synthesize.config import SynthesisConfig
+from npos.synthesize.scorers import Scorers
 
 #: VOS covariance ridge, relative to the mean per-dimension variance.
 VOS_RIDGE = 1e-4
@@ -135,59 +135,6 @@ def draw_noise(n_classes: int, shape: tuple[int, ...], generator: torch.Generato
     for i in range(n_classes):
         torch.randn(shape, generator=generator, out=noise[i])
     return noise.to(device)
-
-
-class _TorchScorer:
-    """K-th-NN distances by batched products over a chunk of classes."""
-
-    def __init__(self, k: int, max_elements: int) -> None:
-        self.k, self.max_elements = k, max_elements
-
-    def fit(self, unit: torch.Tensor, classes: torch.Tensor) -> _TorchScorer:
-        """Use the (c, Q, D) unit banks of the chunk of classes ``classes``."""
-        self.unit = unit
-        return self
-
-    def bank(self) -> torch.Tensor:
-        """(c, Q) distance of each bank point to its K-th nearest other point."""
-        sim = kth_similarity(self.unit, self.unit, self.k, exclude_self=True,
-                             max_elements=self.max_elements)
-        return similarity_to_distance(sim)
-
-    def queries(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(c, n, D) vectors (any norm) -> (c, n) K-th-NN distance to their class bank.
-
-        Dividing the k-th largest raw product by the query norm equals the k-th largest
-        cosine (division by a positive constant preserves order), and costs n divisions
-        instead of normalizing n x D values.
-        """
-        norms = vectors.norm(dim=-1).clamp_min_(1e-12)
-        sim = kth_similarity(vectors, self.unit, self.k, max_elements=self.max_elements)
-        return similarity_to_distance(sim / norms)
-
-
-class _IndexScorer:
-    """The same distances from one :class:`KnnIndex` per class (a Python loop over classes),
-    for any registered backend other than ``torch`` (e.g. faiss, for banks too large for the
-    (Q, Q) products of the torch engine)."""
-
-    def __init__(self, backend: str, k: int, cache: KnnCache | None) -> None:
-        self.backend, self.k, self.cache = backend, k, cache
-
-    def fit(self, unit: torch.Tensor, classes: torch.Tensor) -> _IndexScorer:
-        self.unit = unit
-        self.indexes = [KnnIndex(self.backend, cache=self.cache,
-                                 cache_key=("synthesize", int(c))).fit(bank)
-                        for c, bank in zip(classes.tolist(), unit)]
-        return self
-
-    def bank(self) -> torch.Tensor:
-        return torch.stack([index.kth_distance(bank, self.k, exclude_self=True)
-                            for index, bank in zip(self.indexes, self.unit)])
-
-    def queries(self, vectors: torch.Tensor) -> torch.Tensor:
-        return torch.stack([index.kth_distance(v, self.k)
-                            for index, v in zip(self.indexes, vectors)])
 
 
 def _check_inputs(banks: torch.Tensor, ready: torch.Tensor | None,
@@ -290,7 +237,7 @@ def synthesize(banks: torch.Tensor, config: SynthesisConfig, *,
                              f"{type(knn_cache).__name__}")
     with torch.no_grad():
         parts, stats = runner(banks, classes.to(banks.device), config, generator, budget,
-                              return_stats, _Scorers(backend, config.k, knn_cache))
+                              return_stats, Scorers(backend, config.k, knn_cache))
     if parts:
         outliers, labels, distance, source = (torch.cat(column) for column in zip(*parts))
     else:
@@ -308,21 +255,6 @@ def _outputs(classes, v_kept, scale, distance, source, keep):
     labels = classes.view(c, 1).expand(c, p * keep).reshape(-1)
     sources = source.view(c, p, 1).expand(c, p, keep).reshape(-1)
     return outliers, labels, distance.reshape(-1), sources
-
-
-@dataclass(frozen=True)
-class _Scorers:
-    """Makes the scorer of each chunk of classes: the concrete backend, K and the cache."""
-
-    backend: str
-    k: int
-    cache: KnnCache | None
-
-    def fit(self, unit: torch.Tensor, classes: torch.Tensor, max_sims: int):
-        """A scorer over the (c, Q, D) unit banks of ``classes``."""
-        if self.backend == "torch":
-            return _TorchScorer(self.k, max_sims).fit(unit, classes)
-        return _IndexScorer(self.backend, self.k, self.cache).fit(unit, classes)
 
 
 def _run_chunks(classes: torch.Tensor, chunk: int, body, return_stats: bool, make_stats):
