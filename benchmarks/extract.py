@@ -39,10 +39,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from npos.extract import FeatureExtractor, load_encoder  # noqa: E402
-from npos.extract.datasets import decode_image, load_image_source  # noqa: E402
 from npos.device import resolve_device  # noqa: E402
-from npos.encoder import autocast  # noqa: E402
+from npos.encoder import autocast, load_encoder  # noqa: E402
+from npos.extract import FeatureExtractor  # noqa: E402
+from npos.extract.datasets import decode_image, load_image_source  # noqa: E402
 
 
 def make_images(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:
@@ -66,9 +66,10 @@ def decoded_batches(preprocess, paths, batch_size, device) -> list[torch.Tensor]
     return batches
 
 
-def encoder_only(model, batches, device) -> float:
-    """images/s of encode_image on preprocessed tensors resident on the device."""
-    with torch.inference_mode(), autocast(device):
+def encoder_only(model, batches, device, dtype) -> float:
+    """images/s of encode_image on preprocessed tensors resident on the device, under the
+    autocast the pipeline uses for a store of ``dtype``."""
+    with torch.inference_mode(), autocast(device, dtype):
         model.encode_image(batches[0])  # warm-up (kernel selection, allocator)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -114,7 +115,7 @@ def main() -> None:
         # clocks); report the best of each.
         enc, runs = 0.0, []
         for _ in range(args.repeat):
-            enc = max(enc, encoder_only(model, batches, device))
+            enc = max(enc, encoder_only(model, batches, device, args.dtype))
             start = time.perf_counter()
             extractor = FeatureExtractor(
                 model=args.model, pretrained=args.pretrained, batch_size=args.batch_size,

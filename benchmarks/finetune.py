@@ -82,7 +82,7 @@ def bench_streaming(rows: int, batch_size: int) -> None:
 
 
 def bench_step(batch_size: int, steps: int) -> None:
-    from npos.extract import create_encoder, encode_image_tokens
+    from npos.encoder import create_encoder, encode_image_tokens
     from npos.finetune import VisionTail
 
     clip = create_encoder("ViT-B-16", "none")

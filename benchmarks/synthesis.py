@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from npos.synthesize import SynthesisConfig, synthesize
 from npos.knn.kth import DEFAULT_MEMORY_BUDGET, kth_largest_
+from npos.synthesize import SynthesisConfig, synthesize
 from npos.synthesize.engine import _chunk_size, draw_noise, draw_positions
 
 SHAPES = {
