@@ -10,7 +10,7 @@ Register a new one with :func:`npos.knn.register_backend`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ class KnnBackend:
     on_gpu : bool
         The searchable structure lives on GPU(s).
     """
+
+    bank: torch.Tensor
 
     def __init__(self, options: KnnIndex) -> None:
         self.options = options
@@ -118,7 +120,9 @@ class FaissBackend(KnnBackend):
     """Shared parts of the faiss backends: CPU build, then all GPUs when faiss sees any
     (``index_cpu_to_all_gpus`` shards/replicates) unless ``device="cpu"``."""
 
-    def make_index(self, data: np.ndarray) -> object:
+    index: Any
+
+    def make_index(self, data: np.ndarray) -> Any:
         """A filled CPU faiss index of the (N, D) float32 rows ``data``."""
         raise NotImplementedError
 
@@ -153,7 +157,7 @@ class FaissBackend(KnnBackend):
 class FaissFlatBackend(FaissBackend):
     """Exact ``IndexFlatL2``."""
 
-    def make_index(self, data: np.ndarray) -> object:
+    def make_index(self, data: np.ndarray) -> Any:
         import faiss
 
         index = faiss.IndexFlatL2(data.shape[1])
@@ -172,7 +176,7 @@ def recall_at_k(bank: torch.Tensor, search_ids: Callable[[torch.Tensor, int], to
     finding a point itself is free and would flatter the estimate for unseen queries.
     """
     own_rows = queries is None
-    unit = bank if own_rows else queries
+    unit = bank if queries is None else queries
     rows = torch.arange(unit.shape[0])
     if unit.shape[0] > sample:
         rows = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(

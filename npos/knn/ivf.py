@@ -19,6 +19,7 @@ recall, and ``cache.clear()`` (e.g. each epoch) retrains.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Hashable
 from typing import Any
@@ -81,7 +82,7 @@ class FaissIvfBackend(FaissBackend):
         Measured recall@k behind each tuned nprobe.
     """
 
-    def make_index(self, data: np.ndarray) -> object:
+    def make_index(self, data: np.ndarray) -> Any:
         import faiss
 
         opts = self.options
@@ -99,7 +100,7 @@ class FaissIvfBackend(FaissBackend):
         index.add(data)
         return index
 
-    def _train(self, data: np.ndarray) -> object:
+    def _train(self, data: np.ndarray) -> Any:
         """An empty IVF index whose lists are trained on a seeded sample of ``data``."""
         import faiss
 
@@ -129,6 +130,9 @@ class FaissIvfBackend(FaissBackend):
         self.set_nprobe(nprobe)
         return super().search(unit, k)
 
+    def _ids(self, unit: torch.Tensor, k: int, *, nprobe: int) -> torch.Tensor:
+        return self.search(unit, k, nprobe=nprobe)[1]
+
     def tuned_nprobe(self, k: int) -> int:
         """nprobe reaching ``target_recall`` at this k: from this fit, the cache, or tuned."""
         if k not in self.nprobe_:
@@ -151,9 +155,8 @@ class FaissIvfBackend(FaissBackend):
         probe = min(2 ** math.ceil(math.log2(probe)), self.nlist)
         limit = min(self.nlist, FAISS_GPU_MAX_K) if self.on_gpu else self.nlist
         while True:
-            recall = recall_at_k(self.bank,
-                                 lambda u, depth: self.search(u, depth, nprobe=probe)[1],
-                                 k, seed=self.options.seed)
+            recall = recall_at_k(self.bank, functools.partial(self._ids, nprobe=probe), k,
+                                 seed=self.options.seed)
             if recall >= self.options.target_recall or probe >= limit:
                 return probe, recall
             probe = min(probe * 2, limit)
