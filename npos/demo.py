@@ -108,8 +108,8 @@ def run_demo(out: str | os.PathLike = "npos-demo", *, model: str = "npos-tiny",
     encoder. Each step is announced through ``log`` (default: the ``npos.demo`` logger at
     INFO level).
     """
-    from npos.evaluate import evaluate, write_report
     from npos.device import resolve_device
+    from npos.evaluate import ScoringConfig, evaluate, write_report
     from npos.extract import extract_features
     from npos.store import FeatureStore, store_exists
     from npos.train_head import train_head
@@ -136,8 +136,9 @@ def run_demo(out: str | os.PathLike = "npos-demo", *, model: str = "npos-tiny",
     results: dict[str, dict] = {}
     (out / "reports").mkdir(exist_ok=True)
     (out / "heads").mkdir(exist_ok=True)
-    zero_shot = evaluate(stores["test"], ood, scores=["mcm", "knn"], train=stores["train"],
-                         device=device)
+    # Detectors by registry name: the zero-shot baseline, then the same plus each head's own.
+    zero_shot = evaluate(stores["test"], ood, ScoringConfig(scores=("mcm", "knn"), device=device),
+                         train=stores["train"])
     write_report(zero_shot, out / "reports" / "zero-shot", overwrite=True)
     results["zero-shot"] = zero_shot.to_json()
     for variant, changes in DEMO_VARIANTS.items():
@@ -145,8 +146,9 @@ def run_demo(out: str | os.PathLike = "npos-demo", *, model: str = "npos-tiny",
         log(f"[train-head] {variant} -> {head_dir}")
         train_head(stores["train"], str(head_dir), _demo_head_config(seed, epochs, **changes),
                    device=device, overwrite=True)
-        result = evaluate(stores["test"], ood, scores=["mcm", "knn", "head"], head=str(head_dir),
-                          train=stores["train"], device=device)
+        result = evaluate(stores["test"], ood,
+                          ScoringConfig(scores=("mcm", "knn", "head"), device=device),
+                          head=str(head_dir), train=stores["train"])
         write_report(result, out / "reports" / variant, overwrite=True)
         results[variant] = result.to_json()
     (out / "summary.md").write_text(summary_table(results) + "\n")
