@@ -202,3 +202,14 @@ def test_backend_names_load_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "faiss-ivf" in out.stdout
+
+
+def test_registered_backend_serves_the_knn_score(brute):
+    from npos.evaluate import OODScorer
+
+    train, test = _clustered(200, seed=5), _clustered(30, seed=6)
+    scores = {backend: OODScorer("knn", knn_k=5, knn_backend=backend, device="cpu")
+              .fit(train).score(test)["knn"] for backend in (brute, "torch")}
+    np.testing.assert_allclose(scores[brute], scores["torch"], atol=1e-5)
+    expected = -KnnIndex("torch").fit(train).kth_distance(test, 5)
+    np.testing.assert_allclose(scores[brute], expected, atol=1e-5)
