@@ -18,15 +18,16 @@ _EXPORTS = {
     "TrainedHead": "npos.train_head.checkpoint",
     "load_head": "npos.train_head.checkpoint",
     "HeadModel": "npos.train_head.model",
-    "HeadObjective": "npos.train_head.training",
-    "StepOutput": "npos.train_head.training",
+    "HeadObjective": "npos.train_head.objective",
+    "StepOutput": "npos.train_head.objective",
+    "Trainer": "npos.train_head.trainer",
+    "run_epoch": "npos.train_head.trainer",
     "TrainResult": "npos.train_head.training",
-    "run_epoch": "npos.train_head.training",
     "train_head": "npos.train_head.training",
 }
 
 __all__ = ["CheckpointError", "CheckpointExistsError", "HeadConfig", "HeadModel",
-           "HeadObjective", "StepOutput", "TrainResult", "TrainedHead", "load_head",
+           "HeadObjective", "StepOutput", "TrainResult", "TrainedHead", "Trainer", "load_head",
            "run_epoch", "train_head"]
 
 
