@@ -61,17 +61,21 @@ def test_cuda_float16_store_is_finite(image_folder, tmp_path, tiny):
     assert np.isfinite(store.read("embeddings", dtype="float32")).all()
 
 
+def _torchrun_extract(nproc: int, folder, out, chunk_rows: int, env, python) -> FeatureStore:
+    command = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(nproc), "-m", "npos", "extract", str(folder), "--out", str(out), "--model",
+               "npos-tiny", "--dtype", "float32", "--chunk-rows", str(chunk_rows),
+               "--batch-size", "4", "--workers", "0", "--device", "cuda"]
+    result = subprocess.run(command, env=env(OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return FeatureStore.open(str(out))
+
+
 def test_torchrun_one_gpu_equals_plain_run(image_folder, tmp_path, tiny, child_env, python):
     plain = extract_features(image_folder, str(tmp_path / "plain"), device="cuda",
                              chunk_rows=8, batch_size=4, **tiny)
-    command = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-               "-m", "npos", "extract", str(image_folder), "--out", str(tmp_path / "run"),
-               "--model", "npos-tiny", "--dtype", "float32", "--chunk-rows", "8",
-               "--batch-size", "4", "--workers", "0", "--device", "cuda"]
-    result = subprocess.run(command, env=child_env(OMP_NUM_THREADS="1"), capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = FeatureStore.open(str(tmp_path / "run"))
+    run = _torchrun_extract(1, image_folder, tmp_path / "run", 8, child_env, python)
     np.testing.assert_allclose(run.read("embeddings"), plain.read("embeddings"), atol=1e-6)
 
 
@@ -102,12 +106,5 @@ def test_nccl_collectives_used_by_npos_work_under_torchrun(tmp_path, child_env, 
 def test_torchrun_two_gpus_equals_one(image_folder, tmp_path, tiny, child_env, python):
     plain = extract_features(image_folder, str(tmp_path / "plain"), device="cuda",
                              chunk_rows=4, batch_size=4, **tiny)
-    command = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "npos", "extract", str(image_folder), "--out", str(tmp_path / "two"),
-               "--model", "npos-tiny", "--dtype", "float32", "--chunk-rows", "4",
-               "--batch-size", "4", "--workers", "0", "--device", "cuda"]
-    result = subprocess.run(command, env=child_env(OMP_NUM_THREADS="1"), capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    two = FeatureStore.open(str(tmp_path / "two"))
+    two = _torchrun_extract(2, image_folder, tmp_path / "two", 4, child_env, python)
     np.testing.assert_allclose(two.read("embeddings"), plain.read("embeddings"), atol=1e-5)
