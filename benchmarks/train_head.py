@@ -70,7 +70,9 @@ def time_mode(z, y, text, config: HeadConfig, steps: int, device: torch.device) 
             idx = order[i * config.batch_size:(i + 1) * config.batch_size].to(device)
             yield z_dev[idx], y_dev[idx]
 
-    run_epoch(objective, batches(2), optimizer, epoch=0, lr_at=lambda s: 1.0, first_step=0)
+    amp = config.amp and device.type == "cuda"  # as train_head runs it: bf16 autocast on CUDA
+    run_epoch(objective, batches(2), optimizer, epoch=0, lr_at=lambda s: 1.0, first_step=0,
+              amp=amp)
     # Time whole synthesis periods: the window starts on a synthesis step.
     steps = math.ceil(steps / config.synth_every) * config.synth_every
     objective.timings = {"queue": 0.0, "synthesis": 0.0}
@@ -78,7 +80,8 @@ def time_mode(z, y, text, config: HeadConfig, steps: int, device: torch.device) 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    run_epoch(objective, batches(steps), optimizer, epoch=0, lr_at=lambda s: 1.0, first_step=2)
+    run_epoch(objective, batches(steps), optimizer, epoch=0, lr_at=lambda s: 1.0, first_step=2,
+              amp=amp)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     total = time.perf_counter() - started
@@ -140,7 +143,8 @@ def main(argv=None) -> None:
           f"{torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}")
 
     def log(mode, r):
-        print(f"{mode:13s} step {1000 * r['total']:8.1f} ms  (synthesis {1000 * r['synthesis']:8.1f}"
+        print(f"{mode:13s} step {1000 * r['total']:8.1f} ms  "
+              f"(synthesis {1000 * r['synthesis']:8.1f}"
               f", queue {1000 * r['queue']:6.2f}, rest {1000 * r['rest']:6.2f})  "
               f"epoch {r['epoch_s']:8.1f} s", flush=True)
 
@@ -149,7 +153,8 @@ def main(argv=None) -> None:
                       device=args.device, log=log)["modes"]
     if "no-synthesis" in results:
         baseline = results["no-synthesis"]["total"]
-        print("\n| mode | ms/step | synthesis ms | queue ms | rest ms | epoch s | vs no-synthesis |")
+        print("\n| mode | ms/step | synthesis ms | queue ms | rest ms | epoch s "
+              "| vs no-synthesis |")
         print("|---|---|---|---|---|---|---|")
         for mode, r in results.items():
             print(f"| {mode} | {1000 * r['total']:.1f} | {1000 * r['synthesis']:.1f} | "
