@@ -148,18 +148,31 @@ def missing(needs, device: torch.device) -> str | None:
 
 # ---------------------------------------------------------------------------- checks
 def check_cuda_tests(ctx) -> dict:
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p",
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rsP", "-p",
                "no:cacheprovider", *ctx["sizes"]["pytest_paths"]]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=max(5, ctx["limit"] - 5))
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
-    summary = lines[-1] if lines else result.stderr.strip()[-300:]
-    out = {"command": " ".join(command[1:]), "returncode": result.returncode,
-           "summary": summary, "output_tail": "\n".join(lines[-60:]),
-           "ratios": []}
-    if result.returncode not in (0, 5):  # 5: no tests collected
+    # A session of its own, so that a timeout also ends the torchrun children of the tests.
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=max(5, ctx["limit"] - 5))
+        timed_out = False
+    except BaseException as exc:  # the pytest timeout, this check's alarm, or Ctrl-C
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        timed_out = True
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    tail = lines[-1] if lines else stderr.strip()[-300:]
+    summary = " ".join(tail.split())[:300]
+    out = {"command": " ".join(command[1:]), "returncode": proc.returncode,
+           "summary": summary,
+           "output_tail": "\n".join(lines[-150:]) + "\n" + stderr[-2000:], "ratios": []}
+    if timed_out:
+        out["failed"] = f"pytest -m cuda ran past {max(5, ctx['limit'] - 5)} s: {summary}"
+    elif proc.returncode not in (0, 5):  # 5: no tests collected
         out["failed"] = f"pytest -m cuda: {summary}"
     return out
 
@@ -266,7 +279,8 @@ def check_score(ctx) -> dict:
 
 
 CHECKS = [
-    Check("cuda-tests", "pytest -m cuda (the CUDA tests)", ("cuda", "pytest"), 150,
+    Check("cuda-tests", "pytest -m cuda (the CUDA tests)", ("cuda", "pytest", "zarr",
+          "open_clip"), 150,
           check_cuda_tests),
     Check("extraction", "extract: pipeline vs encoder-only throughput", ("cuda", "open_clip",
           "zarr", "PIL"), 70, check_extraction),
@@ -423,7 +437,7 @@ def write_reports(out: Path, env: dict, entries: list[dict]) -> None:
         lines += ["", f"## {e['name']} — {e['what']}", "", "```",
                   json.dumps(flat, indent=1, default=str)[:4000], "```"]
         if e["results"].get("output_tail"):
-            lines += ["", "```", e["results"]["output_tail"][-4000:], "```"]
+            lines += ["", "```", e["results"]["output_tail"][-8000:], "```"]
     for name, text in (("gpu_check.json", json.dumps(data, indent=1, default=str)),
                        ("gpu_check.md", "\n".join(lines) + "\n")):
         tmp = out / f".{name}.tmp"

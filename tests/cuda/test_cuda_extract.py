@@ -76,7 +76,8 @@ def test_torchrun_one_gpu_equals_plain_run(image_folder, tmp_path, tiny, child_e
     plain = extract_features(image_folder, str(tmp_path / "plain"), device="cuda",
                              chunk_rows=8, batch_size=4, **tiny)
     run = _torchrun_extract(1, image_folder, tmp_path / "run", 8, child_env, python)
-    np.testing.assert_allclose(run.read("embeddings"), plain.read("embeddings"), atol=1e-6)
+    np.testing.assert_allclose(run.read("embeddings"), plain.read("embeddings"), rtol=1e-4,
+                               atol=1e-4)
 
 
 def test_nccl_collectives_used_by_npos_work_under_torchrun(tmp_path, child_env, python):
@@ -85,8 +86,8 @@ def test_nccl_collectives_used_by_npos_work_under_torchrun(tmp_path, child_env, 
     script = tmp_path / "nccl_check.py"
     script.write_text(textwrap.dedent("""
         import torch, torch.distributed as dist
-        dist.init_process_group("nccl")
         torch.cuda.set_device(0)
+        dist.init_process_group("nccl")
         box = [{"rank": dist.get_rank()}]
         dist.broadcast_object_list(box, src=0)
         t = torch.ones(4, device="cuda")
