@@ -15,9 +15,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from npos.log import get_logger
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ID_DIGITS = (0, 1, 2, 3, 4, 5)
@@ -95,20 +98,23 @@ def _demo_head_config(seed: int, epochs: int, **changes):
 
 def run_demo(out: str | os.PathLike = "npos-demo", *, model: str = "npos-tiny",
              pretrained: str | None = "none", seed: int = 0, device: str = "auto",
-             epochs: int = 30, log=print) -> dict[str, dict]:
+             epochs: int = 30,
+             log: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Run the whole pipeline on the digits dataset; return ``{variant: metrics.json}``.
 
     Layout of ``out``: ``data/`` (images), ``features/<model>/`` (one store per split, reused
     on the next run), ``heads/<variant>/``, ``reports/<variant>/``. Heads and reports are
     rewritten on every run; the cached features are reused when they were made by the same
-    encoder.
+    encoder. Each step is announced through ``log`` (default: the ``npos.demo`` logger at
+    INFO level).
     """
-    from npos.evaluate import evaluate, write_report
     from npos.device import resolve_device
+    from npos.evaluate import ScoringConfig, evaluate, write_report
     from npos.extract import extract_features
     from npos.store import FeatureStore, store_exists
     from npos.train_head import train_head
 
+    log = log or get_logger(__name__).info
     out = Path(out)
     device = str(resolve_device(device))
     folders = write_demo_dataset(out / "data", seed=seed)
@@ -130,8 +136,9 @@ def run_demo(out: str | os.PathLike = "npos-demo", *, model: str = "npos-tiny",
     results: dict[str, dict] = {}
     (out / "reports").mkdir(exist_ok=True)
     (out / "heads").mkdir(exist_ok=True)
-    zero_shot = evaluate(stores["test"], ood, scores=["mcm", "knn"], train=stores["train"],
-                         device=device)
+    # Detectors by registry name: the zero-shot baseline, then the same plus each head's own.
+    zero_shot = evaluate(stores["test"], ood, ScoringConfig(scores=("mcm", "knn"), device=device),
+                         train=stores["train"])
     write_report(zero_shot, out / "reports" / "zero-shot", overwrite=True)
     results["zero-shot"] = zero_shot.to_json()
     for variant, changes in DEMO_VARIANTS.items():
@@ -139,8 +146,9 @@ def run_demo(out: str | os.PathLike = "npos-demo", *, model: str = "npos-tiny",
         log(f"[train-head] {variant} -> {head_dir}")
         train_head(stores["train"], str(head_dir), _demo_head_config(seed, epochs, **changes),
                    device=device, overwrite=True)
-        result = evaluate(stores["test"], ood, scores=["mcm", "knn", "head"], head=str(head_dir),
-                          train=stores["train"], device=device)
+        result = evaluate(stores["test"], ood,
+                          ScoringConfig(scores=("mcm", "knn", "head"), device=device),
+                          head=str(head_dir), train=stores["train"])
         write_report(result, out / "reports" / variant, overwrite=True)
         results[variant] = result.to_json()
     (out / "summary.md").write_text(summary_table(results) + "\n")

@@ -37,3 +37,8 @@ class IncompatibleStoreError(StoreError):
 
 class MissingDependencyError(NposError, ImportError):
     """An optional dependency is needed for the requested feature."""
+
+
+class ConfigFileError(NposError):
+    """A ``--config`` file is missing, is not valid TOML, or names an unknown command, an
+    unknown option or a value of the wrong type."""

@@ -10,15 +10,22 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, NoReturn
 
 from npos.errors import ParameterError
 
 
-def _fail(name: str, value: Any, expected: str, owner: str | None, why: str) -> None:
+def _fail(name: str, value: Any, expected: str, owner: str | None, why: str) -> NoReturn:
     of = f" of {owner}" if owner else ""
     raise ParameterError(f"The {name!r} parameter{of} must be {expected}{why}. "
                          f"Got {value!r} instead.")
+
+
+def fail(name: str, value: Any, expected: str, *, owner: str | None = None,
+         why: str = "") -> NoReturn:
+    """Raise the template's error for a bound no check below expresses (``expected`` reads
+    after "must be", e.g. ``"<= the 400 train rows"``)."""
+    _fail(name, value, expected, owner, why)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any], *,

@@ -20,9 +20,10 @@ def scoring_options(func):
                      help="Train feature store: the bank for knn and the class statistics for "
                           "mahalanobis."),
         click.option("--scores", "scores", metavar="LIST",
-                     help="Comma-separated scores: mcm, msp, maxlogit, energy, knn, "
-                          "mahalanobis, head. Default: mcm (when text embeddings or a head "
-                          "give class logits), + knn with --train, + head with --head."),
+                     help="Comma-separated detector names: mcm, msp, maxlogit, energy, knn, "
+                          "mahalanobis, head, or any registered detector. Default: mcm (when "
+                          "text embeddings or a head give class logits), + knn with --train, "
+                          "+ head with --head."),
         click.option("--knn-k", type=click.IntRange(min=1), default=50, show_default=True,
                      help="K of the knn score (K-th nearest train neighbour)."),
         click.option("--knn-backend", type=click.Choice(KNN_BACKENDS), default="auto",

@@ -7,6 +7,7 @@ import time
 import click
 
 from npos.commands._common import device_option
+from npos.log import get_logger
 
 
 @click.command("demo")
@@ -37,12 +38,13 @@ def command(out: str, model: str, pretrained: str, device: str, seed: int, epoch
 
     prepare_demo_folder(out)
     if pretrained.lower() == "none":
-        click.echo(f"note: the encoder {model!r} is randomly initialized (--pretrained none): "
-                   "the pipeline runs end to end, but its features are not CLIP's, so the "
-                   "numbers say nothing about NPOS on real embeddings.", err=True)
+        get_logger("npos.demo").warning(
+            f"the encoder {model!r} is randomly initialized (--pretrained none): the pipeline "
+            "runs end to end, but its features are not CLIP's, so the numbers say nothing "
+            "about NPOS on real embeddings.")
     start = time.perf_counter()
     results = run_demo(out, model=model, pretrained=pretrained, seed=seed, device=device,
-                       epochs=epochs, log=click.echo)
+                       epochs=epochs)
     table = summary_table(results)
     click.echo("")
     click.echo(table)

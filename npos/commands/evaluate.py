@@ -26,14 +26,16 @@ def command(id_store, ood, head, train, scores, knn_k, knn_backend, mcm_temperat
     Writes REPORT_DIR/metrics.json (fractions), report.md (percentages) and PNG plots, and
     prints the summary table. All stores (and the head) must come from the same encoder.
     """
-    from npos.evaluate import check_report_dir, evaluate, main_table, parse_ood_specs, \
-        write_report
+    from npos.evaluate import ScoringConfig, check_report_dir, evaluate, main_table, \
+        parse_ood_specs, write_report
 
     ood_stores = parse_ood_specs(ood)
+    config = ScoringConfig(scores=scores, knn_k=knn_k, knn_backend=knn_backend,
+                           mcm_temperature=mcm_temperature, device=device,
+                           batch_size=batch_size)
     check_report_dir(out, overwrite=overwrite)
-    result = evaluate(id_store, ood_stores, scores=scores, head=head, train=train,
-                      knn_k=knn_k, knn_backend=knn_backend, mcm_temperature=mcm_temperature,
-                      device=device, batch_size=batch_size, progress=sys.stderr.isatty())
+    result = evaluate(id_store, ood_stores, config, head=head, train=train,
+                      progress=sys.stderr.isatty())
     write_report(result, out, overwrite=overwrite)
     click.echo(main_table(result))
     acc = result.id_accuracy

@@ -9,6 +9,7 @@ from dataclasses import fields
 import click
 
 from npos.commands import train_head as _train_head
+from npos.log import get_logger
 
 #: train-head's parameters that finetune does not take over: its input and output, its
 #: validation store, and the flags whose help speaks of a head directory (finetune has its
@@ -73,7 +74,7 @@ def command(train_store: str, out: str, model: str, pretrained: str | None,
     result = finetune(train_store, out, model=model, pretrained=pretrained,
                       head_config=head_config, config=config, embed=parse_embed_specs(embed),
                       device=device, overwrite=overwrite, resume=resume,
-                      progress=progress, log=click.echo)
+                      progress=progress, log=get_logger("npos.finetune").info)
     last = result.history[-1] if result.history else None
     click.echo(f"wrote {result.out_dir}: tail {result.tail['fingerprint']['pretrained']!r}"
                + (f", train accuracy {last['accuracy']:.4f}" if last else ""))

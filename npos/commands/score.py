@@ -22,11 +22,12 @@ def command(store, head, train, scores, knn_k, knn_backend, mcm_temperature, dev
     Rows keep the store's ids and order. Runs under torchrun: each rank scores batches
     rank, rank+W, ...; rank 0 writes csv/parquet, every rank writes its zarr chunks.
     """
-    from npos.evaluate import score_store
+    from npos.evaluate import ScoringConfig, score_store
 
-    summary = score_store(store, out, scores=scores, head=head, train=train, knn_k=knn_k,
-                          knn_backend=knn_backend, mcm_temperature=mcm_temperature,
-                          device=device, batch_size=batch_size, overwrite=overwrite,
+    config = ScoringConfig(scores=scores, knn_k=knn_k, knn_backend=knn_backend,
+                           mcm_temperature=mcm_temperature, device=device,
+                           batch_size=batch_size)
+    summary = score_store(store, out, config, head=head, train=train, overwrite=overwrite,
                           progress=sys.stderr.isatty())
     if summary.rank == 0:
         click.echo(str(summary))

@@ -3,13 +3,19 @@
 Output formats (chosen by the suffix of ``out``):
 
 * ``.csv`` — header ``id,SCORE1,SCORE2,...``; one line per readable row of the store, in store
-  order; floats written with full (round-trip) precision.
+  order; floats written with full (round-trip) precision. The settings that produced the
+  scores go to a sidecar ``FILE.csv.json`` (so the csv itself stays plain for pandas/``csv``).
 * ``.parquet`` — the same columns (``id`` string, one float64 column per score); needs
-  ``pyarrow`` (``pip install "npos[parquet]"``).
+  ``pyarrow`` (``pip install "npos[parquet]"``); the settings are the schema metadata key
+  ``npos.settings`` (JSON).
 * ``.zarr`` — a feature store of kind ``scores`` with the same rows and chunking as the input:
   ``embeddings`` (N, S) float32 holds the scores, one column per name in the group attribute
   ``score_names``; ``ids`` and ``labels`` are copied; rows that are invalid in the input are
-  NaN (and ``valid`` is copied). Read it with ``FeatureStore.open(out).read()`` or plain zarr.
+  NaN (and ``valid`` is copied); the settings are the group attribute ``settings``. Read it
+  with ``FeatureStore.open(out).read()`` or plain zarr.
+
+The settings record (:func:`read_score_settings`) is the one of ``metrics.json``: npos
+version, the resolved :class:`~npos.evaluate.ScoringConfig`, the input store URLs.
 
 Under ``torchrun`` every rank scores batches ``rank, rank + W, ...`` (runs of whole chunks).
 For ``.zarr`` each rank writes its own chunks (so the output must be on storage all ranks
@@ -19,21 +25,25 @@ atomically (temporary sibling, then ``os.replace``). The result equals a single-
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from npos.atomic import atomic_path, check_output
 from npos.errors import MissingDependencyError, OutputExistsError, ParameterError
 from npos.evaluate.batching import Distributed, Shard, n_shard_batches, shard_batches
-from npos.evaluate.inputs import build_scorer, open_store
+from npos.evaluate.config import ScoringConfig, scoring_config
+from npos.evaluate.inputs import ScoringSetup, build_scorer, open_store
 from npos.store import FeatureStore, store_exists
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".zarr": "zarr"}
+#: The parquet schema metadata key holding the settings record (JSON).
+PARQUET_SETTINGS_KEY = "npos.settings"
 
 
 @dataclass
@@ -78,6 +88,22 @@ def _require_pyarrow():
     return pyarrow
 
 
+def settings_sidecar(out: str | os.PathLike) -> str:
+    """Where a ``.csv`` score file's settings go: ``out + ".json"``."""
+    return f"{out}.json"
+
+
+def read_score_settings(out: str | os.PathLike) -> dict[str, Any]:
+    """The settings record a score file was written with (any of the three formats)."""
+    fmt = output_format(out)
+    if fmt == "csv":
+        return json.loads(Path(settings_sidecar(out)).read_text(encoding="utf-8"))
+    if fmt == "parquet":
+        metadata = _require_pyarrow().parquet.read_schema(str(out)).metadata or {}
+        return json.loads(metadata[PARQUET_SETTINGS_KEY.encode()])
+    return dict(FeatureStore.open(str(out)).attrs["settings"])
+
+
 def _check_out(out: str, fmt: str, overwrite: bool) -> None:
     if fmt == "zarr":
         if store_exists(out) and not overwrite:
@@ -85,22 +111,21 @@ def _check_out(out: str, fmt: str, overwrite: bool) -> None:
                                     "replace it")
     else:
         check_output(out, overwrite=overwrite, what="score file")
+        if fmt == "csv":
+            check_output(settings_sidecar(out), overwrite=overwrite,
+                         what="score settings file")
 
 
 def score_store(
     store: str | os.PathLike | FeatureStore,
     out: str | os.PathLike,
+    config: ScoringConfig | None = None,
     *,
-    scores: str | Sequence[str] | None = None,
-    head=None,
+    head: Any = None,
     train: str | os.PathLike | FeatureStore | None = None,
-    knn_k: int = 50,
-    knn_backend: str = "auto",
-    mcm_temperature: float = 1.0,
-    device: str = "auto",
-    batch_size: int = 65536,
     overwrite: bool = False,
     progress: bool = False,
+    **options: Any,
 ) -> ScoreSummary:
     """Score every readable row of ``store`` and write the scores to ``out``.
 
@@ -110,15 +135,18 @@ def score_store(
         Any complete feature store (labels are not needed).
     out : path
         ``.csv``, ``.parquet`` or ``.zarr`` (see the module docstring).
-    scores, head, train, knn_k, knn_backend, mcm_temperature, device
+    config : ScoringConfig, optional
+        As in :func:`npos.evaluate.evaluate`; ``batch_size`` is rows per batch, rounded down
+        to whole store chunks (at least one chunk).
+    head, train
         As in :func:`npos.evaluate.evaluate`. Class text embeddings come from ``train`` when
         it has them, else from ``store``.
-    batch_size : int
-        Rows per batch, rounded down to whole store chunks (at least one chunk).
     overwrite : bool
         Replace an existing ``out``.
     progress : bool
         Progress bar (on rank 0).
+    **options
+        :class:`ScoringConfig` fields overriding ``config`` (the former keyword arguments).
 
     Returns
     -------
@@ -126,34 +154,35 @@ def score_store(
     """
     from npos.device import resolve_device
 
+    config = scoring_config(config, **options)
     out = str(out)
     fmt = output_format(out)
     if fmt == "parquet":
         _require_pyarrow()
-    dist = Distributed(str(resolve_device(device)))
+    dist = Distributed(str(resolve_device(config.device)))
     # Only rank 0 writes a csv/parquet file (its folder may exist on rank 0's node only);
     # a zarr output is written by every rank, so every rank checks it.
     if fmt == "zarr" or dist.shard.is_main:
         _check_out(out, fmt, overwrite)
     fs = open_store(store)
     with dist:
-        setup = build_scorer({"store": fs}, scores=scores, head=head, train=train, knn_k=knn_k,
-                             knn_backend=knn_backend, mcm_temperature=mcm_temperature,
-                             device=dist.device, batch_size=batch_size)
+        setup = build_scorer({"store": fs}, config, head=head, train=train, device=dist.device)
         names = list(setup.scorer.scores)
+        batch_size = setup.config.batch_size
+        settings = setup.record(store=fs.url)
         dist.barrier()  # every rank has validated `out` before rank 0 creates it
         start = time.perf_counter()
         target = None
         if fmt == "zarr":
             if dist.shard.is_main:
-                target = _create_score_store(fs, out, names, setup.settings(), overwrite)
+                target = _create_score_store(fs, out, names, setup, settings, overwrite)
             dist.barrier()
             if target is None:
                 target = FeatureStore.open(out, mode="r+")
         parts = _score_shard(setup.scorer, fs, batch_size, dist.shard, target, progress)
         gathered = dist.gather_to_main(parts) if fmt != "zarr" else None
         if dist.shard.is_main and gathered is not None:
-            _write_table(fs, out, fmt, names, gathered, batch_size, overwrite)
+            _write_table(fs, out, fmt, names, gathered, batch_size, overwrite, settings)
         dist.barrier()
         seconds = time.perf_counter() - start
     rows = int(fs.readable_rows().sum())
@@ -189,12 +218,12 @@ def _score_shard(scorer, fs: FeatureStore, batch_size: int, shard: Shard,
             np.concatenate(mats) if mats else np.zeros((0, len(scorer.scores))))
 
 
-def _create_score_store(fs: FeatureStore, out: str, names: list[str], settings: dict,
-                        overwrite: bool) -> FeatureStore:
+def _create_score_store(fs: FeatureStore, out: str, names: list[str], setup: ScoringSetup,
+                        settings: dict[str, Any], overwrite: bool) -> FeatureStore:
     target = FeatureStore.create(
         out, n_rows=fs.n_rows, dim=len(names), dtype="float32", chunk_rows=fs.chunk_rows,
         kind="scores", class_names=fs.class_names, overwrite=overwrite,
-        attrs={"score_names": names, "scoring": settings,
+        attrs={"score_names": names, "scoring": setup.settings(), "settings": settings,
                "source_store": {"url": fs.url, "fingerprint": fs.fingerprint()}})
     if fs.has("valid"):
         target.add_array("valid", (), "bool", fill_value=True)
@@ -216,13 +245,19 @@ def _write_chunks(fs: FeatureStore, target: FeatureStore, chunks: range, rows: n
 
 
 def _write_table(fs: FeatureStore, out: str, fmt: str, names: list[str], gathered,
-                 batch_size: int, overwrite: bool) -> None:
-    """Rank 0: put every rank's scores in store order and write ``out`` atomically."""
+                 batch_size: int, overwrite: bool, settings: dict[str, Any]) -> None:
+    """Rank 0: put every rank's scores in store order and write ``out`` atomically (a csv's
+    settings go to its sidecar ``out + ".json"`` first, a parquet's into its schema)."""
     full = np.full((fs.n_rows, len(names)), np.nan)
     for rows, matrix in gathered:
         full[rows] = matrix
+    if fmt == "csv":
+        with atomic_path(settings_sidecar(out), overwrite=overwrite, directory=False,
+                         what="score settings file") as tmp:
+            tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     with atomic_path(out, overwrite=overwrite, directory=False, what="score file") as tmp:
-        writer = _CsvWriter(tmp, names) if fmt == "csv" else _ParquetWriter(tmp, names)
+        writer = _CsvWriter(tmp, names) if fmt == "csv" else \
+            _ParquetWriter(tmp, names, settings)
         try:
             for batch in shard_batches(fs, batch_size, ("ids",)):
                 if len(batch["row"]):
@@ -247,13 +282,14 @@ class _CsvWriter:
 
 
 class _ParquetWriter:
-    def __init__(self, path: Path, names: list[str]):
+    def __init__(self, path: Path, names: list[str], settings: dict[str, Any]):
         pa = _require_pyarrow()
         import pyarrow.parquet as pq
 
         self._pa = pa
         self._names = names
-        self._schema = pa.schema([("id", pa.string()), *((n, pa.float64()) for n in names)])
+        self._schema = pa.schema([("id", pa.string()), *((n, pa.float64()) for n in names)],
+                                 metadata={PARQUET_SETTINGS_KEY: json.dumps(settings)})
         self._writer = pq.ParquetWriter(str(path), self._schema)
 
     def write(self, ids: np.ndarray, matrix: np.ndarray) -> None:

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from npos.errors import ParameterError
 from npos.store import FeatureStore
+from npos.validation import check_int
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,7 @@ class Shard:
 
 def batch_plan(store: FeatureStore, batch_rows: int) -> tuple[int, int]:
     """``(chunks_per_batch, n_batches)``: ``batch_rows`` rounded down to whole chunks (>= 1)."""
-    if not isinstance(batch_rows, (int, np.integer)) or batch_rows < 1:
-        raise ParameterError(f"The 'batch_size' parameter must be an int >= 1. Got "
-                             f"{batch_rows!r} instead.")
+    check_int("batch_size", batch_rows, 1)
     per = max(1, int(batch_rows) // store.chunk_rows)
     return per, math.ceil(store.n_chunks / per)
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from npos.errors import ParameterError
 from npos.evaluate.batching import Shard, n_shard_batches, shard_batches
+from npos.evaluate.config import ScoringConfig, scoring_config
 from npos.evaluate.inputs import ScoringSetup, build_scorer, open_store
 from npos.evaluate.metrics import accuracy, average_metrics, ood_metrics
 from npos.store import FeatureStore
@@ -33,7 +34,10 @@ class EvaluationResult:
     id_scores : dict of str to ndarray of shape (n_id,)
     ood_scores : dict of str to dict of str to ndarray of shape (n_ood,)
     settings : dict
-        Stores, head, scores and parameters (for the report).
+        What produced the metrics (:meth:`ScoringSetup.record`): ``npos_version``,
+        ``config`` (the resolved :class:`ScoringConfig`), the input stores ``id``, ``ood``,
+        ``train``, ``head``, and ``model``, ``dim``, ``rows``, ``space``,
+        ``text_embeddings_from``, ``detectors`` (what fitting chose, e.g. the kNN backend).
     """
 
     id_accuracy: float | None
@@ -43,8 +47,10 @@ class EvaluationResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """The ``metrics.json`` document: ``{"id_accuracy": ..., "scores": metrics}``."""
-        return {"id_accuracy": self.id_accuracy, "scores": self.metrics}
+        """The ``metrics.json`` document: ``{"id_accuracy": ..., "scores": metrics,
+        "settings": settings}``."""
+        return {"id_accuracy": self.id_accuracy, "scores": self.metrics,
+                "settings": self.settings}
 
 
 def parse_ood_specs(specs: Sequence[str]) -> dict[str, str]:
@@ -108,16 +114,12 @@ def _classifier_matches(setup: ScoringSetup, id_store: FeatureStore) -> bool:
 def evaluate(
     id_store: str | os.PathLike | FeatureStore,
     ood_stores: Mapping[str, str | os.PathLike | FeatureStore],
+    config: ScoringConfig | None = None,
     *,
-    scores: str | Sequence[str] | None = None,
-    head=None,
+    head: Any = None,
     train: str | os.PathLike | FeatureStore | None = None,
-    knn_k: int = 50,
-    knn_backend: str = "auto",
-    mcm_temperature: float = 1.0,
-    device: str = "auto",
-    batch_size: int = 65536,
     progress: bool = False,
+    **options: Any,
 ) -> EvaluationResult:
     """Score an ID test store and each OOD store; compute metrics per score and OOD set.
 
@@ -127,22 +129,27 @@ def evaluate(
         In-distribution test features.
     ood_stores : mapping of str to path or FeatureStore
         OOD set name -> store. Names become table rows; ``"average"`` is reserved.
-    scores : str or sequence of str, optional
-        E.g. ``"mcm,knn"``. Default: ``mcm`` when class logits exist (text embeddings or a
-        head), ``knn`` when ``train`` is given, ``head`` when a head is given.
+    config : ScoringConfig, optional
+        Scores (e.g. ``"mcm,knn"``; default: ``mcm`` when class logits exist — text
+        embeddings or a head —, ``knn`` when ``train`` is given, ``head`` when a head is
+        given), detector parameters, device and batch size (rows, rounded to chunks).
     head : path or TrainedHead, optional
         Trained head: scores are computed in its projected space.
     train : path or FeatureStore, optional
         Train store: the bank of ``knn`` and the class statistics of ``mahalanobis``.
-    knn_k, knn_backend, mcm_temperature, device, batch_size
-        See :class:`npos.evaluate.OODScorer`; ``batch_size`` is in rows (rounded to chunks).
     progress : bool
         Show progress bars.
+    **options
+        :class:`ScoringConfig` fields overriding ``config`` — the former keyword arguments
+        ``scores``, ``knn_k``, ``knn_backend``, ``mcm_temperature``, ``device``,
+        ``batch_size`` keep working.
 
     Returns
     -------
     EvaluationResult
+        ``settings`` is the record written to ``metrics.json`` (see :meth:`to_json`).
     """
+    config = scoring_config(config, **options)
     if not ood_stores:
         raise ParameterError("at least one OOD set is needed (--ood NAME=STORE)")
     if AVERAGE in ood_stores:
@@ -150,9 +157,8 @@ def evaluate(
     id_fs = open_store(id_store)
     ood_fs = {name: open_store(s) for name, s in ood_stores.items()}
     setup = build_scorer({"ID store": id_fs, **{f"OOD store {n!r}": s for n, s in ood_fs.items()}},
-                         scores=scores, head=head, train=train, knn_k=knn_k,
-                         knn_backend=knn_backend, mcm_temperature=mcm_temperature,
-                         device=device, batch_size=batch_size)
+                         config, head=head, train=train)
+    batch_size = setup.config.batch_size
 
     id_scores, predictions, labels = score_rows(setup, id_fs, batch_size=batch_size,
                                                  progress=progress, desc="ID")
@@ -171,10 +177,9 @@ def evaluate(
         per_set = {ood_name: ood_metrics(id_scores[name], values)
                    for ood_name, values in ood_scores[name].items()}
         metrics[name] = {**per_set, AVERAGE: average_metrics(per_set)}
-    settings = {"id": id_fs.url, "ood": {n: fs.url for n, fs in ood_fs.items()},
-                "model": id_fs.attrs.get("model"), "dim": id_fs.dim,
-                "rows": {"id": int(len(labels)),
-                         **{n: int(len(v)) for n, v in next(iter(ood_scores.values())).items()}},
-                **setup.settings()}
+    rows = {"id": int(len(labels)),
+            **{n: int(len(v)) for n, v in next(iter(ood_scores.values())).items()}}
+    settings = setup.record(id=id_fs.url, ood={n: fs.url for n, fs in ood_fs.items()},
+                            model=id_fs.attrs.get("model"), dim=id_fs.dim, rows=rows)
     return EvaluationResult(id_accuracy=id_accuracy, metrics=metrics, id_scores=id_scores,
                             ood_scores=ood_scores, settings=settings)

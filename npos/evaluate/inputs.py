@@ -9,16 +9,16 @@ without ``--train``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from npos.device import resolve_device
 from npos.errors import ParameterError
-from npos.evaluate.scores import LOGIT_SCORES, TRAIN_SCORES, OODScorer, default_scores, \
-    parse_scores
+from npos.evaluate.config import ScoringConfig, scoring_config
+from npos.evaluate.detectors import default_scores, names_where
+from npos.evaluate.scorer import OODScorer
+from npos.settings import settings_record
 from npos.store import FeatureStore
 
 
@@ -50,35 +50,48 @@ class ScoringSetup:
     #: Number of classes of the classifier, or ``None`` without one.
     n_classes: int | None
 
+    @property
+    def config(self) -> ScoringConfig:
+        """The resolved config: the scores computed, the concrete device."""
+        return self.scorer.config
+
+    def detector_facts(self) -> dict[str, dict[str, Any]]:
+        """What fitting chose or measured, per detector that reports anything."""
+        facts = {name: d.facts() for name, d in self.scorer.detectors.items()}
+        return {name: f for name, f in facts.items() if f}
+
     def settings(self) -> dict[str, Any]:
-        """The parameters that produced the scores (for reports and derived stores)."""
-        scorer = self.scorer
-        return {
-            "scores": list(scorer.scores),
-            "space": scorer.space.name,
+        """The parameters that produced the scores, flat (the ``scoring`` attribute of a
+        ``.zarr`` score store; kept in its original form)."""
+        config = self.config
+        scores = list(config.scores or ())
+        knn = "knn" in scores
+        flat = {
+            "scores": scores,
+            "space": self.scorer.space.name,
             "head": self.head_path,
             "train": self.train_url,
             "text_embeddings_from": self.text_source,
-            "mcm_temperature": scorer.mcm_temperature,
-            "knn_k": scorer.knn.k if scorer.knn is not None else None,
-            "knn_backend": scorer.knn.backend if scorer.knn is not None else None,
-            **_knn_index_facts(scorer),
+            "mcm_temperature": config.mcm_temperature,
+            "knn_k": config.knn_k if knn else None,
+            "knn_backend": config.knn_backend if knn else None,
         }
+        for name, facts in self.detector_facts().items():
+            flat.update({f"{name}_{key}": value for key, value in facts.items()})
+        return flat
+
+    def record(self, **inputs: Any) -> dict[str, Any]:
+        """The ``settings`` record of ``metrics.json`` and score files: npos version, the
+        resolved :class:`ScoringConfig` (``config``, as in a head's ``config.json``), the
+        input stores (``inputs`` plus ``train`` and ``head``), the space, where the class
+        embeddings came from, and what fitted detectors chose (``detectors``)."""
+        return settings_record(config=self.config, **inputs, train=self.train_url,
+                               head=self.head_path, space=self.scorer.space.name,
+                               text_embeddings_from=self.text_source,
+                               detectors=self.detector_facts())
 
 
-def _knn_index_facts(scorer: OODScorer) -> dict[str, Any]:
-    """The backend ``auto`` chose and, for IVF, the nprobe and the recall@K it measured."""
-    index = getattr(scorer.knn, "index_", None)
-    if index is None:
-        return {}
-    facts: dict[str, Any] = {"knn_backend_used": index.backend_}
-    k = scorer.knn.k
-    if k in index.recall_:
-        facts.update(knn_nprobe=index.nprobe_[k], knn_recall=index.recall_[k])
-    return facts
-
-
-def _load_head(head, device: str):
+def _load_head(head: Any, device: str) -> tuple[Any, str | None]:
     if head is None:
         return None, None
     if isinstance(head, (str, os.PathLike)):
@@ -90,17 +103,13 @@ def _load_head(head, device: str):
 
 def build_scorer(
     stores: Mapping[str, FeatureStore],
+    config: ScoringConfig | None = None,
     *,
-    scores: str | Sequence[str] | None = None,
-    head=None,
+    head: Any = None,
     train: str | os.PathLike | FeatureStore | None = None,
-    knn_k: int = 50,
-    knn_backend: str = "auto",
-    mcm_temperature: float = 1.0,
-    device: str = "auto",
-    batch_size: int = 65536,
+    **options: Any,
 ) -> ScoringSetup:
-    """Validate the inputs, load the head, fit the train-based scores.
+    """Validate the inputs, load the head, fit the detectors that learn from train rows.
 
     Parameters
     ----------
@@ -108,25 +117,23 @@ def build_scorer(
         The stores that will be scored, keyed by a description for messages (``"ID store"``,
         ``"OOD store 'sun'"``); the first one is the reference: it supplies the class text
         embeddings when the train store has none.
-    scores : str or sequence of str, optional
-        Score names (``"mcm,knn"``); default :func:`default_scores`.
+    config : ScoringConfig, optional
+        Scores (default :func:`~npos.evaluate.detectors.default_scores`), detector
+        parameters, device, and the batch size used to project the train bank.
     head : path or TrainedHead, optional
         A head checkpoint directory (loaded with :func:`npos.train_head.load_head`).
     train : path or FeatureStore, optional
-        Train store for ``knn`` (bank) and ``mahalanobis`` (class statistics).
-    knn_k, knn_backend, mcm_temperature, device
-        As in :class:`OODScorer`.
-    batch_size : int
-        Rows per batch when projecting the train bank.
+        Train store for detectors that ``needs_train`` (``knn`` bank, ``mahalanobis``
+        class statistics).
+    **options
+        :class:`ScoringConfig` fields overriding ``config`` (the former keyword arguments).
     """
+    config = scoring_config(config, **options)
     if not stores:
         raise ParameterError("no store to score")
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ParameterError(f"The 'batch_size' parameter must be an int >= 1. Got "
-                             f"{batch_size!r} instead.")
-    names = parse_scores(scores) if scores is not None else None
+    names = list(config.scores) if config.scores is not None else None
     if names is not None:
-        asked_train = [s for s in names if s in TRAIN_SCORES]
+        asked_train = names_where(names, lambda d: d.needs_train)
         if asked_train and train is None:
             raise ParameterError(f"score(s) {', '.join(asked_train)} need a train store: pass "
                                  "--train TRAIN_STORE")
@@ -137,7 +144,7 @@ def build_scorer(
         others["train store"] = train_store
     check_same_encoder(reference, others)
 
-    device = str(resolve_device(device))
+    device = str(resolve_device(config.device))
     head, head_path = _load_head(head, device)
     text, text_source, class_names, n_classes = None, None, None, None
     if head is not None:
@@ -148,22 +155,23 @@ def build_scorer(
         n_classes = len(class_names) if class_names is not None else None
     else:
         # The train store defines the ID classes; fall back to the (first) scored store.
-        for store in (train_store, reference):
-            if store is not None and store.has("text_embeddings"):
-                text = store.read_extra("text_embeddings", dtype="float32")
-                text_source, class_names, n_classes = store.url, store.class_names, len(text)
+        for source in (train_store, reference):
+            if source is not None and source.has("text_embeddings"):
+                text = source.read_extra("text_embeddings", dtype="float32")
+                text_source, class_names, n_classes = source.url, source.class_names, len(text)
                 break
     if names is None:
         names = default_scores(has_classifier=head is not None or text is not None,
                                has_train=train_store is not None, has_head=head is not None)
-    elif head is None and text is None and any(s in LOGIT_SCORES for s in names):
-        logit_names = ", ".join(s for s in names if s in LOGIT_SCORES)
-        raise ParameterError(
-            f"score(s) {logit_names} need class logits, but {ref_what} {reference.url!r} "
-            "has no text embeddings (nor does the train store) and no --head was given")
-    scorer = OODScorer(names, head=head, text_embeddings=text, mcm_temperature=mcm_temperature,
-                       knn_k=knn_k, knn_backend=knn_backend, device=device)
-    scorer.fit(train_store, batch_size=batch_size)
+    elif head is None and text is None:
+        logit_names = names_where(names, lambda d: d.needs_classifier)
+        if logit_names:
+            raise ParameterError(
+                f"score(s) {', '.join(logit_names)} need class logits, but {ref_what} "
+                f"{reference.url!r} has no text embeddings (nor does the train store) and no "
+                "--head was given")
+    scorer = OODScorer(names, head=head, text_embeddings=text, config=config, device=device)
+    scorer.fit(train_store)
     return ScoringSetup(scorer=scorer, head_path=head_path,
                         train_url=train_store.url if train_store is not None else None,
                         text_source=text_source, class_names=class_names, n_classes=n_classes)

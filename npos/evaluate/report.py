@@ -3,7 +3,9 @@
 Layout of ``REPORT_DIR``::
 
     metrics.json        {"id_accuracy": f|null, "scores": {SCORE: {OOD: {fpr95, auroc,
-                         aupr_in, aupr_out}, ..., "average": {...}}}}   (fractions)
+                         aupr_in, aupr_out}, ..., "average": {...}}},   (fractions)
+                         "settings": {...}}   (EvaluationResult.settings: npos version,
+                         resolved ScoringConfig, input store URLs, ...)
     report.md           settings, the main table, one table per score (percent, 2 decimals)
     plots/hist_SCORE.png  score histograms, ID against each OOD set
     plots/roc_SCORE.png   ROC curves of every OOD set
@@ -80,14 +82,18 @@ def render_markdown(result: EvaluationResult) -> str:
                                               " (zero-shot: class text embeddings)"),
               f"- train store: `{s['train']}`" if s.get("train") else "- train store: none",
               f"- scores: {', '.join(result.metrics)} (higher = more in-distribution)"]
+    scoring = s.get("config") or {}
+    if s.get("npos_version"):
+        lines.append(f"- npos {s['npos_version']}, device {scoring.get('device')}")
     if "mcm" in result.metrics:
-        lines.append(f"- MCM temperature: {s.get('mcm_temperature')}")
+        lines.append(f"- MCM temperature: {scoring.get('mcm_temperature')}")
     if "knn" in result.metrics:
-        used = s.get("knn_backend_used")
-        line = f"- kNN: K = {s.get('knn_k')}, backend {s.get('knn_backend')}" + \
-            (f" ({used})" if used and used != s.get("knn_backend") else "")
-        if s.get("knn_recall") is not None:
-            line += f", nprobe {s['knn_nprobe']}, measured recall@K {s['knn_recall']:.3f}"
+        facts = (s.get("detectors") or {}).get("knn", {})
+        backend, used = scoring.get("knn_backend"), facts.get("backend_used")
+        line = f"- kNN: K = {scoring.get('knn_k')}, backend {backend}" + \
+            (f" ({used})" if used and used != backend else "")
+        if facts.get("recall") is not None:
+            line += f", nprobe {facts['nprobe']}, measured recall@K {facts['recall']:.3f}"
         lines.append(line)
     acc = result.id_accuracy
     lines += ["", "ID accuracy: " + (f"{_pct(acc)} %" if acc is not None else

@@ -28,7 +28,6 @@ import contextlib
 import difflib
 import functools
 import hashlib
-import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from open_clip.transformer import VisionTransformer
 
 from npos.device import resolve_device  # noqa: F401 - re-exported for npos.extract
 from npos.errors import NposError, ParameterError
+from npos.log import open_clip_logs
 
 TINY_MODEL = "npos-tiny"
 MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
@@ -174,23 +174,6 @@ def resolve_weights(model: str, pretrained: str | None = None) -> Weights:
         f"({', '.join(tags) if tags else 'it has none'}) nor an existing checkpoint file")
 
 
-class _DropRandomInitNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No pretrained weights loaded")
-
-
-@contextlib.contextmanager
-def _quiet_random_init(weights: Weights):
-    # open_clip logs a root-logger warning for every random-init model; npos asked for one.
-    notice = _DropRandomInitNotice()
-    if weights.random_init:
-        logging.getLogger().addFilter(notice)
-    try:
-        yield
-    finally:
-        logging.getLogger().removeFilter(notice)
-
-
 def create_encoder(model: str | Weights, pretrained: str | None = None, *,
                    seed: int = DEFAULT_SEED) -> torch.nn.Module:
     """Build a frozen open_clip model on the CPU in float32 (eval mode, no gradients).
@@ -216,7 +199,7 @@ def create_encoder(model: str | Weights, pretrained: str | None = None, *,
     weights = model if isinstance(model, Weights) else resolve_weights(model, pretrained)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ParameterError(f"seed must be an int >= 0; got {seed!r}")
-    with torch.random.fork_rng(devices=[]), _quiet_random_init(weights):
+    with torch.random.fork_rng(devices=[]), open_clip_logs(random_init=weights.random_init):
         torch.manual_seed(seed)
         try:
             clip = open_clip.create_model(

@@ -14,7 +14,7 @@ Under ``torchrun`` (``WORLD_SIZE`` > 1) a process group is started (gloo on CPU,
 CUDA, each rank on ``cuda:LOCAL_RANK``). Rank 0 validates and creates (or reopens) the store,
 writes the text embeddings and broadcasts the list of missing chunks; rank ``r`` encodes
 missing chunks ``r, r+W, r+2W, ...`` of that list. After a final barrier rank 0 writes the
-``failed`` attribute.
+``failed`` and ``settings`` (every parameter that decides the values, resolved) attributes.
 
 Failed images (see :func:`npos.extract.datasets.decode_image`) keep their row: ``valid`` is
 False, ``embeddings`` (and ``tokens``) are NaN, and ``error`` holds the reason. The ``failed``
@@ -44,6 +44,8 @@ from npos.extract.encoder import (DEFAULT_SEED, autocast, create_encoder,
                                   encode_image_tokens, image_preprocess_config, image_transform,
                                   resolve_device, resolve_weights)
 from npos.extract.text import DEFAULT_TEMPLATES, load_templates, text_embeddings, validate_templates
+from npos.log import third_party_logs
+from npos.settings import settings_record
 from npos.store import DEFAULT_CHUNK_ROWS, FeatureStore, store_exists
 from npos.validation import check_choice, check_int
 
@@ -428,10 +430,23 @@ class FeatureExtractor:
         procs.barrier()
         if procs.rank == 0:
             failed = _failed_rows(store)
-            store.update_attrs(failed=failed)
+            store.update_attrs(failed=failed, settings=self._settings(data, weights, procs))
             stats.store_failed = len(failed)
         self.store_ = store
         self.stats_ = stats
+
+    def _settings(self, data, weights, procs: _Processes) -> dict[str, Any]:
+        # The store's `settings` attribute: every parameter that decides its values, resolved
+        # (the device type: autocast on CUDA). Workers and the number of processes are left
+        # out: they never change a value, and a resumed or torchrun-sharded run must yield
+        # the same store as one uninterrupted process.
+        return settings_record(
+            data=str(data), model=self.model, pretrained=self.pretrained,
+            weights=weights.identity, batch_size=self.batch_size,
+            device=procs.device.type, dtype=self.dtype,
+            tokens_layer=self.tokens_layer, classes=self.classes,
+            class_names=self.class_names, templates=self.templates, unlabeled=self.unlabeled,
+            on_error=self.on_error, chunk_rows=self.chunk_rows, seed=self.seed)
 
     def _prepare_store(self, out, source, names, templates, dim, token_shape, attrs,
                        clip) -> FeatureStore:
@@ -564,7 +579,8 @@ def _image_shape(preprocess: dict[str, Any]) -> tuple[int, int, int]:
 def _tokenizer(model: str):
     import open_clip
 
-    return open_clip.get_tokenizer(model)
+    with third_party_logs():  # open_clip's logging.info() would configure the root logger
+        return open_clip.get_tokenizer(model)
 
 
 def _text_embeddings_ok(store: FeatureStore, n_classes: int, dim: int) -> bool:

@@ -44,6 +44,7 @@ from npos.finetune.tail import (TAIL_CONFIG, TAIL_FILE, TailError, VisionTail, l
                                 read_tail_config, save_tail)
 from npos.finetune.tokens import TokenSpec, TokenStream, check_same_tokens, token_spec
 from npos.store import FeatureStore
+from npos.settings import settings_record
 from npos.train_head import HeadConfig, HeadObjective
 from npos.train_head.checkpoint import (FORMAT as HEAD_FORMAT, CheckpointExistsError,
                                         read_checkpoint_dir, write_checkpoint_dir)
@@ -214,9 +215,9 @@ def finetune(train_store: str, out_dir: str, *, model: str, pretrained: str | No
     inputs = _prepare(train_store, out, model, pretrained, head_config, embed,
                       overwrite=overwrite, resume=resume)
     record = _run_record(inputs, head_config, config)
-    settings = {"train_store": inputs.store.url, "out_dir": str(out), "model": model,
-                "pretrained": pretrained, "embed": dict(embed), "device": str(device),
-                "head_config": head_config.to_dict(), "finetune": dataclasses.asdict(config)}
+    settings = settings_record(train_store=inputs.store.url, out_dir=str(out), model=model,
+                               pretrained=pretrained, embed=dict(embed), device=str(device),
+                               head_config=head_config, finetune=config)
 
     # ---- training (or its saved result, when resuming after it finished)
     tail_config = _finished(out, inputs.tail, record) if resume else None

@@ -11,6 +11,7 @@ import torch
 
 from npos.device import resolve_device
 from npos.errors import ParameterError, StoreError, StoreExistsError
+from npos.settings import settings_record
 from npos.store import IDENTITY_KEYS, FeatureStore, store_exists
 from npos.synthesize._kth import DEFAULT_MEMORY_BUDGET
 from npos.synthesize.config import SynthesisConfig
@@ -114,6 +115,7 @@ class OfflineSynthesis:
     seed: int
     class_names: list[str]
     source_ids: np.ndarray = field(repr=False)
+    device: str = "cpu"
 
     def summary(self) -> list[dict[str, Any]]:
         """Per-class rows for tuning: quantiles (:data:`QUANTILES`) of the K-th-NN distance of
@@ -237,7 +239,8 @@ def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queu
         result.source_index.cpu(),
         SynthesisStats(banks.classes, stats.bank_distance.cpu(), _cpu(stats.boundary),
                        _cpu(stats.sources), stats.candidate_distance.cpu()))
-    return OfflineSynthesis(result, banks, config, queue, seed, names, store.read("ids"))
+    return OfflineSynthesis(result, banks, config, queue, seed, names, store.read("ids"),
+                            str(device))
 
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -255,7 +258,9 @@ def write_outliers(offline: OfflineSynthesis, out: str, *, source: FeatureStore,
     """Write an outliers store: ``embeddings`` (M, D) float32, ``labels`` (source class),
     ``knn_distance``, ``ids`` (the source row's id + ``#`` + outlier row; ``vos/<class>#row``
     for ``vos``). Attributes: the source store's model/pretrained/preprocess/token_layer (same
-    fingerprint), ``synthesis`` (all parameters, queue, seed) and ``source`` (the store)."""
+    fingerprint), ``synthesis`` (all parameters, queue, seed), ``source`` (the store) and
+    ``settings`` (:func:`npos.settings.settings_record`: the npos version, every parameter, the
+    device used, the input store)."""
     res = offline.result
     m, dim = res.outliers.shape
     bank_pos = torch.searchsorted(offline.banks.classes, res.labels)
@@ -270,6 +275,8 @@ def write_outliers(offline: OfflineSynthesis, out: str, *, source: FeatureStore,
                           "seed": offline.seed}
     attrs["source"] = {"store": source.url, "n_rows": source.n_rows,
                        "created": source.attrs.get("created")}
+    attrs["settings"] = settings_record(offline.config, queue=offline.queue, seed=offline.seed,
+                                        device=offline.device, features=source.url)
     store = FeatureStore.create(out, n_rows=m, dim=dim, dtype="float32",
                                 chunk_rows=min(chunk_rows, m), kind="outliers",
                                 class_names=offline.class_names, attrs=attrs,

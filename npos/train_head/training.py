@@ -23,6 +23,7 @@ import torch
 
 from npos.device import resolve_device
 from npos.errors import IncompatibleStoreError
+from npos.settings import settings_record
 from npos.train_head.checkpoint import FORMAT, CheckpointExistsError, write_checkpoint_dir
 from npos.train_head.config import HeadConfig
 from npos.train_head.data import (FeatureBatches, LabeledFeatures, accuracy, build_head,
@@ -108,8 +109,8 @@ def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = N
     # What decides the head (a resumed run must match it); its config.json holds it all.
     record = head_record(config, data, train_store=store.url,
                          fingerprint=store.fingerprint(), val_store=val)
-    settings = {"train_store": store.url, "out_dir": str(out_path), "val": val,
-                "device": str(device), "config": config.to_dict()}
+    settings = settings_record(train_store=store.url, out_dir=str(out_path), val=val,
+                               device=str(device), config=config)
 
     model, means = build_head(data, config)
     model.to(device)

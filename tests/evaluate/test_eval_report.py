@@ -41,7 +41,7 @@ def test_report_files_and_metrics_json_shape(world, result):
     out = world["tmp"] / "report"
     write_report(result, out)
     doc = json.loads((out / "metrics.json").read_text())
-    assert set(doc) == {"id_accuracy", "scores"}
+    assert set(doc) == {"id_accuracy", "scores", "settings"}
     assert isinstance(doc["id_accuracy"], float)
     assert list(doc["scores"]) == SCORES
     for per in doc["scores"].values():

@@ -17,11 +17,11 @@ def test_the_head_records_settings_and_version(token_stores, head_config, tmp_pa
                       config=ft, embed={"test": token_stores["test"]}, device="cpu")
     head = json.loads((out / "head" / "config.json").read_text())
     assert head["npos_version"] == npos.__version__
-    assert head["settings"] == {
+    assert head["settings"] == {"npos_version": npos.__version__,
         "train_store": head["train_store"], "out_dir": str(out), "model": "npos-tiny",
         "pretrained": None, "embed": {"test": token_stores["test"]}, "device": "cpu",
         "head_config": json.loads(json.dumps(config.to_dict())),
-        "finetune": dataclasses.asdict(ft)}
+        "finetune": json.loads(json.dumps(dataclasses.asdict(ft)))}
     assert head["fingerprint"] == result.tail["fingerprint"]
     for key in ("format", "dim", "num_classes", "class_names", "classifier", "train_rows",
                 "val_store", "history", "finetune", "created", "epochs", "synthesis"):

@@ -19,7 +19,8 @@ def test_train_head_records_settings_and_version(world_stores, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["npos_version"] == npos.__version__
     settings = config["settings"]
-    assert settings == {"train_store": config["train_store"], "out_dir": str(out),
+    assert settings == {"npos_version": npos.__version__,
+                        "train_store": config["train_store"], "out_dir": str(out),
                         "val": world_stores["test"], "device": "cpu",
                         "config": json.loads(json.dumps(CONFIG.to_dict()))}
     assert HeadConfig.from_dict(settings["config"]) == CONFIG
