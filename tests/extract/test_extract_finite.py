@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from npos.errors import StoreError
-from npos.extract import extract_features
-from npos.extract import extraction
+from npos.extract import extract_features, extraction
 
 
 def _chunk(n=4, tokens=True):
