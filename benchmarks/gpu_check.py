@@ -280,7 +280,7 @@ def check_score(ctx) -> dict:
 
 CHECKS = [
     Check("cuda-tests", "pytest -m cuda (the CUDA tests)", ("cuda", "pytest", "zarr",
-          "open_clip"), 150,
+          "open_clip"), 140,
           check_cuda_tests),
     Check("extraction", "extract: pipeline vs encoder-only throughput", ("cuda", "open_clip",
           "zarr", "PIL"), 70, check_extraction),
@@ -290,7 +290,7 @@ CHECKS = [
           _synthesis("synthesis-in1k")),
     Check("ivf-vs-flat", "faiss IVF vs flat (recall, speed)", ("cuda", "faiss-gpu"), 45,
           check_ivf),
-    Check("train-head", "train-head epoch, synthesis every step", ("cuda", "zarr"), 40,
+    Check("train-head", "train-head epoch, synthesis every step", ("cuda", "zarr"), 50,
           check_train_head),
     Check("finetune-step", "finetune step: cached tokens vs images", ("cuda", "open_clip",
           "zarr"), 30, check_finetune),
