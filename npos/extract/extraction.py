@@ -193,13 +193,26 @@ class _ChunkWriter:
 
 
 def _check_finite(index: int, arrays: dict[str, np.ndarray]) -> None:
-    emb = arrays["embeddings"][arrays["valid"]]
-    if not np.isfinite(emb).all():
-        bad = int((~np.isfinite(emb).all(axis=1)).sum())
-        hint = (" (float16 overflow: use --dtype float32)"
-                if emb.dtype == np.float16 else "")
-        raise StoreError(f"the encoder produced {bad} non-finite embeddings in chunk "
-                         f"{index}{hint}")
+    """Refuse a chunk whose valid rows hold NaN/Inf embeddings or tokens (before writing)."""
+    for name, what in (("embeddings", "embeddings"), ("tokens", "token rows")):
+        if name not in arrays:
+            continue
+        values = arrays[name][arrays["valid"]]
+        finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+        if not finite.all():
+            hint = (" (float16 overflow: use --dtype float32)"
+                    if name == "embeddings" and values.dtype == np.float16 else "")
+            raise StoreError(f"the encoder produced {int((~finite).sum())} non-finite {what} "
+                             f"in chunk {index}{hint}")
+
+
+def _checked_text_embeddings(text: np.ndarray) -> np.ndarray:
+    """``text`` (C, D), refused when a class's text embedding holds NaN/Inf."""
+    finite = np.isfinite(text).all(axis=1)
+    if not finite.all():
+        raise StoreError(f"the text encoder produced non-finite embeddings for "
+                         f"{int((~finite).sum())} of {len(text)} classes")
+    return text
 
 
 class _ChunkBuffer:
@@ -456,8 +469,8 @@ class FeatureExtractor:
             store.add_array("tokens", token_shape, "float16",
                             chunk_rows=_token_chunk_rows(self.chunk_rows, row_bytes))
         if names is not None and not _text_embeddings_ok(store, len(names), dim):
-            store.set_array("text_embeddings", text_embeddings(clip, _tokenizer(self.model),
-                                                               names, templates))
+            text = text_embeddings(clip, _tokenizer(self.model), names, templates)
+            store.set_array("text_embeddings", _checked_text_embeddings(text))
         return store
 
     def _encode(self, store, source, clip, preprocess, dim, token_shape, chunks, procs,
