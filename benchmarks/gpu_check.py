@@ -457,11 +457,13 @@ def main(argv=None) -> int:
                         help="Run only these checks")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    from npos.device import resolve_device
+
+    device = resolve_device(args.device)
     if device.type == "cuda":
+        # A plain "cuda" has no index, which torch.cuda.set_device refuses.
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None
+                              else device.index)
         torch.cuda.set_device(device)
     out = Path(args.out)
     env = environment(args, device)
