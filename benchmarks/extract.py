@@ -37,9 +37,9 @@ import torch
 from PIL import Image
 
 from npos.device import resolve_device
-from npos.extract import FeatureExtractor, load_encoder
+from npos.encoder import autocast, load_encoder
+from npos.extract import FeatureExtractor
 from npos.extract.datasets import decode_image, load_image_source
-from npos.extract.encoder import autocast
 
 
 def make_images(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:
@@ -63,9 +63,10 @@ def decoded_batches(preprocess, paths, batch_size, device) -> list[torch.Tensor]
     return batches
 
 
-def encoder_only(model, batches, device) -> float:
-    """images/s of encode_image on preprocessed tensors resident on the device."""
-    with torch.inference_mode(), autocast(device):
+def encoder_only(model, batches, device, dtype) -> float:
+    """images/s of encode_image on preprocessed tensors resident on the device, under the
+    autocast the pipeline uses for a store of ``dtype``."""
+    with torch.inference_mode(), autocast(device, dtype):
         model.encode_image(batches[0])  # warm-up (kernel selection, allocator)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -75,6 +76,55 @@ def encoder_only(model, batches, device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
     return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+
+def measure(*, data: str | None = None, images: int = 2048, size: str = "500x375",
+            model: str = "npos-tiny", pretrained: str | None = None, batch_size: int = 64,
+            workers: int = min(8, os.cpu_count() or 1), chunk_rows: int = 1024,
+            tokens_layer: int | None = None, dtype: str = "float16", device: str = "auto",
+            repeat: int = 3, resident: int = 2048) -> dict:
+    """Encoder-only and pipeline throughput, measured alternately ``repeat`` times.
+
+    Returns a dict with ``encoder_images_per_s``, ``pipeline_images_per_s``, ``ratio``
+    (pipeline / encoder only), ``end_to_end_images_per_s``, ``write_share`` and the settings.
+    """
+    resolved = resolve_device(device)
+    work = Path(tempfile.mkdtemp(prefix="npos-bench-extract-"))
+    try:
+        if data is None:
+            data = work / "data"
+            make_images(data, images, tuple(int(v) for v in size.split("x")))
+        source = load_image_source(data)
+        paths = [source.path(i) for i in range(min(len(source), images))]
+        clip, preprocess, _ = load_encoder(model, pretrained, device=resolved)
+        # At most `resident` images on the device: enough for a steady rate, fits any GPU.
+        batches = decoded_batches(preprocess, paths[:resident], batch_size, resolved)
+
+        # Alternate the two measurements so that both see the same machine (other load,
+        # clocks); report the best of each.
+        enc, runs = 0.0, []
+        for _ in range(repeat):
+            enc = max(enc, encoder_only(clip, batches, resolved, dtype))
+            start = time.perf_counter()
+            extractor = FeatureExtractor(
+                model=model, pretrained=pretrained, batch_size=batch_size, workers=workers,
+                device=device, dtype=dtype, tokens_layer=tokens_layer, chunk_rows=chunk_rows,
+                overwrite=True, progress=False).run(data, str(work / "store"))
+            runs.append((extractor.stats_, time.perf_counter() - start))
+        stats, wall = max(runs, key=lambda r: r[0].images_per_second)
+        name = torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else \
+            f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+        return {"device": name, "model": model, "pretrained": pretrained, "rows": stats.rows,
+                "batch_size": batch_size, "workers": workers, "chunk_rows": chunk_rows,
+                "tokens_layer": tokens_layer, "load_average": os.getloadavg()[0],
+                "encoder_images_per_s": enc,
+                "pipeline_images_per_s": stats.images_per_second,
+                "ratio": stats.images_per_second / enc,
+                "end_to_end_images_per_s": stats.rows / wall,
+                "write_seconds": stats.write_seconds, "loop_seconds": stats.seconds,
+                "write_share": stats.write_seconds / stats.seconds, "chunks": stats.chunks}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
@@ -92,50 +142,22 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeat", type=int, default=3, help="Repeats of each measurement")
     args = parser.parse_args()
-
-    device = resolve_device(args.device)
-    work = Path(tempfile.mkdtemp(prefix="npos-bench-extract-"))
-    try:
-        if args.data:
-            data = Path(args.data)
-        else:
-            data = work / "data"
-            make_images(data, args.images, tuple(int(v) for v in args.size.split("x")))
-        source = load_image_source(data)
-        paths = [source.path(i) for i in range(min(len(source), args.images))]
-        model, preprocess, _ = load_encoder(args.model, args.pretrained, device=device)
-        # At most 2048 resident images: enough for a steady rate, small enough for any GPU.
-        batches = decoded_batches(preprocess, paths[:2048], args.batch_size, device)
-
-        # Alternate the two measurements so that both see the same machine (other load,
-        # clocks); report the best of each.
-        enc, runs = 0.0, []
-        for _ in range(args.repeat):
-            enc = max(enc, encoder_only(model, batches, device))
-            start = time.perf_counter()
-            extractor = FeatureExtractor(
-                model=args.model, pretrained=args.pretrained, batch_size=args.batch_size,
-                workers=args.workers, device=args.device, dtype=args.dtype,
-                tokens_layer=args.tokens_layer, chunk_rows=args.chunk_rows, overwrite=True,
-                progress=False).run(data, str(work / "store"))
-            runs.append((extractor.stats_, time.perf_counter() - start))
-        stats, wall = max(runs, key=lambda r: r[0].images_per_second)
-        write_share = stats.write_seconds / stats.seconds
-
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-            f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-        print(f"device: {name}; model {args.model} (pretrained={args.pretrained}); "
-              f"{stats.rows} images; batch {args.batch_size}; workers {args.workers}; "
-              f"chunk_rows {args.chunk_rows}; tokens_layer {args.tokens_layer}; "
-              f"load average {os.getloadavg()[0]:.1f}")
-        print(f"encoder only (pre-decoded tensors on {device.type}): {enc:9.1f} images/s")
-        print(f"pipeline (decode+encode+write loop):        {stats.images_per_second:9.1f} "
-              f"images/s   (end-to-end incl. model creation: {stats.rows / wall:.1f} images/s)")
-        print(f"ratio pipeline / encoder only:              {stats.images_per_second / enc:9.3f}")
-        print(f"store writing: {stats.write_seconds:.2f} s of a {stats.seconds:.2f} s loop = "
-              f"{100 * write_share:.1f} % ({stats.chunks} chunks)")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    r = measure(data=args.data, images=args.images, size=args.size, model=args.model,
+                pretrained=args.pretrained, batch_size=args.batch_size, workers=args.workers,
+                chunk_rows=args.chunk_rows, tokens_layer=args.tokens_layer, dtype=args.dtype,
+                device=args.device, repeat=args.repeat)
+    print(f"device: {r['device']}; model {r['model']} (pretrained={r['pretrained']}); "
+          f"{r['rows']} images; batch {r['batch_size']}; workers {r['workers']}; "
+          f"chunk_rows {r['chunk_rows']}; tokens_layer {r['tokens_layer']}; "
+          f"load average {r['load_average']:.1f}")
+    print(f"encoder only (pre-decoded tensors on the device): "
+          f"{r['encoder_images_per_s']:9.1f} images/s")
+    print(f"pipeline (decode+encode+write loop):        {r['pipeline_images_per_s']:9.1f} "
+          f"images/s   (end-to-end incl. model creation: {r['end_to_end_images_per_s']:.1f} "
+          "images/s)")
+    print(f"ratio pipeline / encoder only:              {r['ratio']:9.3f}")
+    print(f"store writing: {r['write_seconds']:.2f} s of a {r['loop_seconds']:.2f} s loop = "
+          f"{100 * r['write_share']:.1f} % ({r['chunks']} chunks)")
 
 
 if __name__ == "__main__":

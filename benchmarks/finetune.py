@@ -81,38 +81,66 @@ def bench_streaming(rows: int, batch_size: int) -> None:
         print(f"  sequential pass (ceiling)   : {seq:8.0f} rows/s  {seq / base:.2f}x")
 
 
-def bench_step(batch_size: int, steps: int) -> None:
-    from npos.extract import create_encoder, encode_image_tokens
+def measure_step(batch_size: int, steps: int, *, device: str = "cpu", model: str = "ViT-B-16",
+                 layer: int = 10, amp: bool | None = None) -> dict:
+    """Training-step throughput of the tail from cached tokens vs from images.
+
+    ``amp`` (default: on CUDA) runs forward passes under bfloat16 autocast, as fine-tuning
+    does. Returns samples/s of both and their ratio ``cached_over_images``.
+    """
+    from npos.encoder import create_encoder, encode_image_tokens
     from npos.finetune import VisionTail
 
-    clip = create_encoder("ViT-B-16", "none")
+    device = torch.device(device)
+    amp = device.type == "cuda" if amp is None else amp
+    clip = create_encoder(model, "none").to(device)
     visual = clip.visual
-    tail = VisionTail(visual, 10).train()
+    tail = VisionTail(visual, layer).train()
     opt = torch.optim.AdamW(tail.parameters(), lr=1e-5)
-    images = torch.randn(batch_size, 3, 224, 224)
-    with torch.no_grad():
-        _, tokens = encode_image_tokens(visual, images, 10)
+    size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
+    images = torch.randn(batch_size, 3, size, size, device=device)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
+    with torch.no_grad(), autocast():
+        _, tokens = encode_image_tokens(visual, images, layer)
 
     def step(get_tokens):
-        z = tail(get_tokens())
-        loss = z.float().pow(2).mean()
+        with autocast():
+            z = tail(get_tokens())
+            loss = z.float().pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     def from_images():
-        with torch.no_grad():
-            return encode_image_tokens(visual, images, 10)[1]
+        with torch.no_grad(), autocast():
+            return encode_image_tokens(visual, images, layer)[1]
+
+    def timed_rate(get):
+        def run():
+            for _ in range(steps):
+                step(get)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return rate(batch_size * steps, run)
 
     for get in (lambda: tokens, from_images):   # warm-up
         step(get)
-    cached = rate(batch_size * steps, lambda: [step(lambda: tokens) for _ in range(steps)])
-    full = rate(batch_size * steps, lambda: [step(from_images) for _ in range(steps)])
+    cached = timed_rate(lambda: tokens)
+    full = timed_rate(from_images)
+    return {"model": model, "layer": layer, "batch_size": batch_size, "steps": steps,
+            "device": str(device), "amp": amp, "threads": torch.get_num_threads(),
+            "images_samples_per_s": full, "cached_samples_per_s": cached,
+            "cached_over_images": cached / full}
+
+
+def bench_step(batch_size: int, steps: int) -> None:
+    r = measure_step(batch_size, steps)
     print(f"ViT-B/16 tail (blocks 10-11 + ln_post + proj), batch {batch_size}, {steps} steps, "
-          f"{torch.get_num_threads()} threads")
-    print(f"  from images (10 frozen blocks first, baseline): {full:7.1f} samples/s  1.00x")
-    print(f"  from cached tokens (VisionTail)               : {cached:7.1f} samples/s  "
-          f"{cached / full:.2f}x")
+          f"{r['threads']} threads")
+    print(f"  from images (10 frozen blocks first, baseline): "
+          f"{r['images_samples_per_s']:7.1f} samples/s  1.00x")
+    print(f"  from cached tokens (VisionTail)               : "
+          f"{r['cached_samples_per_s']:7.1f} samples/s  {r['cached_over_images']:.2f}x")
 
 
 def main() -> None:

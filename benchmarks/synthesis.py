@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from npos.knn.kth import DEFAULT_MEMORY_BUDGET, kth_largest_
 from npos.synthesize import SynthesisConfig, synthesize
-from npos.synthesize._kth import DEFAULT_MEMORY_BUDGET, kth_largest_
 from npos.synthesize.engine import _chunk_size, draw_noise, draw_positions
 
 SHAPES = {
@@ -127,15 +127,17 @@ def timed(fns: dict, device, repeat):
 
 
 # ---------------------------------------------------------------------------- baselines
-def research_loop(banks: torch.Tensor, cfg: SynthesisConfig, seed: int):
-    """Per-class loop with a faiss flat index rebuilt per class (the reference structure)."""
+def research_loop(banks: torch.Tensor, cfg: SynthesisConfig, seed: int, *, gpu: bool = False):
+    """Per-class loop with a faiss flat index rebuilt per class (the reference structure);
+    ``gpu``: a faiss ``GpuIndexFlatL2`` (needs a faiss GPU build), as the research code ran."""
     import faiss
 
     n_classes, _, dim = banks.shape
     g = torch.Generator().manual_seed(seed)
     picks = draw_positions(n_classes, cfg.select, cfg.pick, g)
     sigma = cfg.resolved_sigma
-    index = faiss.IndexFlatL2(dim)
+    index = (faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), dim) if gpu
+             else faiss.IndexFlatL2(dim))
     outliers, distances = [], []
     for c in range(n_classes):
         bank = banks[c]
@@ -216,48 +218,84 @@ def primitives(cfg: SynthesisConfig, queue: int, device: torch.device, rows: int
 
 
 # ---------------------------------------------------------------------------- main
-def run_shape(name: str, args, device: torch.device) -> None:
-    shape = dict(SHAPES[name])
-    n_classes = args.classes or shape["classes"]
-    cfg = SynthesisConfig(k=shape["k"], select=shape["select"], pick=shape["pick"],
-                          candidates=shape["candidates"], keep=shape["keep"], backend="torch")
-    g = torch.Generator(device).manual_seed(0)
-    banks = torch.randn((n_classes, shape["queue"], shape["dim"]), generator=g, device=device)
-    banks = banks + 2 * torch.randn((n_classes, 1, shape["dim"]), generator=g, device=device)
-    banks *= 10 / banks.norm(dim=-1, keepdim=True).mean()  # CLIP-like norms ~10
-    print(f"\n== {name}: C={n_classes} Q={shape['queue']} D={shape['dim']} K={cfg.k} "
-          f"select={cfg.select} pick={cfg.pick} candidates={cfg.candidates} keep={cfg.keep}")
+def shape_config(shape: dict) -> SynthesisConfig:
+    """The synthesis settings of a shape dict (see :data:`SHAPES`)."""
+    return SynthesisConfig(k=shape["k"], select=shape["select"], pick=shape["pick"],
+                           candidates=shape["candidates"], keep=shape["keep"], backend="torch")
+
+
+def make_banks(shape: dict, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """(classes, queue, dim) banks: Gaussian blobs around random class offsets, norms ~10."""
+    g = torch.Generator(device).manual_seed(seed)
+    c, q, d = shape["classes"], shape["queue"], shape["dim"]
+    banks = torch.randn((c, q, d), generator=g, device=device)
+    banks = banks + 2 * torch.randn((c, 1, d), generator=g, device=device)
+    return banks * (10 / banks.norm(dim=-1, keepdim=True).mean())  # CLIP-like norms ~10
+
+
+def measure_shape(shape: dict, device: torch.device, *, repeat: int = 2, loop: str | None =
+                  "faiss-cpu", loop_repeat: int = 1,
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET) -> dict:
+    """Time the engine, the bare-product floor and (``loop``: ``"faiss-cpu"``,
+    ``"faiss-gpu"`` or None) the per-class faiss loop on the same banks.
+
+    Returns a dict of seconds, peak bytes, GFLOP, the ratios ``engine_over_floor`` and
+    ``loop_over_engine``, and the engine/loop agreement.
+    """
+    cfg = shape_config(shape)
+    banks = make_banks(shape, device)
 
     def engine():
         return synthesize(banks, cfg, generator=torch.Generator(device).manual_seed(1),
-                          memory_budget=args.memory_budget)
+                          memory_budget=memory_budget)
 
     runs = timed({"engine": engine,
-                  "floor": lambda: floor_products(banks, cfg, args.memory_budget)},
-                 device, args.repeat)
+                  "floor": lambda: floor_products(banks, cfg, memory_budget)}, device, repeat)
     (t_engine, m_engine, res), (t_floor, m_floor, flops) = runs["engine"], runs["floor"]
-    print(f"engine : {t_engine:8.2f} s   peak {m_engine / 2**20:7.0f} MiB   "
-          f"({flops / t_engine / 1e9:.0f} GFLOP/s effective)")
-    print(f"floor  : {t_floor:8.2f} s   peak {m_floor / 2**20:7.0f} MiB   "
-          f"({flops / 1e9:.0f} GFLOP of products, {flops / t_floor / 1e9:.0f} GFLOP/s)")
-    print(f"engine / floor = {t_engine / t_floor:.2f}  (goal <= 2)")
-    if args.no_loop:
-        return
+    out = {"shape": dict(shape), "device": str(device), "engine_s": t_engine,
+           "engine_peak_bytes": m_engine, "floor_s": t_floor, "floor_peak_bytes": m_floor,
+           "gflop": flops / 1e9, "engine_over_floor": t_engine / t_floor, "loop": loop}
+    if loop is None:
+        return out
     cpu_banks = banks.cpu()
     t_loop, m_loop, (loop_out, loop_d) = timed(
-        {"loop": lambda: research_loop(cpu_banks, cfg, 1)}, torch.device("cpu"),
-        args.loop_repeat)["loop"]
-    print(f"loop   : {t_loop:8.2f} s   peak {m_loop / 2**20:7.0f} MiB")
-    goal = 20 if device.type == "cuda" else 2
-    print(f"loop / engine = {t_loop / t_engine:.2f}  (goal >= {goal})")
+        {"loop": lambda: research_loop(cpu_banks, cfg, 1, gpu=loop == "faiss-gpu")},
+        torch.device("cpu"), loop_repeat)["loop"]
     close = torch.isclose(res.knn_distance.cpu(), loop_d.float(), atol=1e-4).float().mean()
     same = torch.isclose(res.outliers.cpu(), loop_out, atol=1e-3).all(dim=1).float().mean()
+    out.update(loop_s=t_loop, loop_peak_bytes=m_loop, loop_over_engine=t_loop / t_engine,
+               same_outliers=float(same), same_distances=float(close),
+               median_distance_engine=float(res.knn_distance.median()),
+               median_distance_loop=float(loop_d.median()))
+    return out
+
+
+def run_shape(name: str, args, device: torch.device) -> None:
+    shape = dict(SHAPES[name])
+    shape["classes"] = args.classes or shape["classes"]
+    cfg = shape_config(shape)
+    print(f"\n== {name}: C={shape['classes']} Q={shape['queue']} D={shape['dim']} K={cfg.k} "
+          f"select={cfg.select} pick={cfg.pick} candidates={cfg.candidates} keep={cfg.keep}")
+    r = measure_shape(shape, device, repeat=args.repeat, loop=None if args.no_loop else
+                      "faiss-cpu", loop_repeat=args.loop_repeat,
+                      memory_budget=args.memory_budget)
+    flops = r["gflop"] * 1e9
+    print(f"engine : {r['engine_s']:8.2f} s   peak {r['engine_peak_bytes'] / 2**20:7.0f} MiB   "
+          f"({flops / r['engine_s'] / 1e9:.0f} GFLOP/s effective)")
+    print(f"floor  : {r['floor_s']:8.2f} s   peak {r['floor_peak_bytes'] / 2**20:7.0f} MiB   "
+          f"({r['gflop']:.0f} GFLOP of products, {flops / r['floor_s'] / 1e9:.0f} GFLOP/s)")
+    print(f"engine / floor = {r['engine_over_floor']:.2f}  (goal <= 2)")
+    if args.no_loop:
+        return
+    print(f"loop   : {r['loop_s']:8.2f} s   peak {r['loop_peak_bytes'] / 2**20:7.0f} MiB")
+    goal = 20 if device.type == "cuda" else 2
+    print(f"loop / engine = {r['loop_over_engine']:.2f}  (goal >= {goal})")
     # Exact ties (or 1e-6 differences between faiss and torch distances) among the bank's
     # K-th-NN distances can reorder the boundary list and so change which points are picked:
     # expect a few percent of outliers to differ, with the same distribution.
-    print(f"check  : engine and loop agree on {100 * float(same):.2f}% of outliers, "
-          f"{100 * float(close):.2f}% of distances; median outlier K-th-NN distance "
-          f"{float(res.knn_distance.median()):.4f} (engine) vs {float(loop_d.median()):.4f} "
+    print(f"check  : engine and loop agree on {100 * r['same_outliers']:.2f}% of outliers, "
+          f"{100 * r['same_distances']:.2f}% of distances; median outlier K-th-NN distance "
+          f"{r['median_distance_engine']:.4f} (engine) vs {r['median_distance_loop']:.4f} "
           f"(loop)")
 
 

@@ -70,7 +70,9 @@ def time_mode(z, y, text, config: HeadConfig, steps: int, device: torch.device) 
             idx = order[i * config.batch_size:(i + 1) * config.batch_size].to(device)
             yield z_dev[idx], y_dev[idx]
 
-    run_epoch(objective, batches(2), optimizer, epoch=0, lr_at=lambda s: 1.0, first_step=0)
+    amp = config.amp and device.type == "cuda"  # as train_head runs it: bf16 autocast on CUDA
+    run_epoch(objective, batches(2), optimizer, epoch=0, lr_at=lambda s: 1.0, first_step=0,
+              amp=amp)
     # Time whole synthesis periods: the window starts on a synthesis step.
     steps = math.ceil(steps / config.synth_every) * config.synth_every
     objective.timings = {"queue": 0.0, "synthesis": 0.0}
@@ -78,7 +80,8 @@ def time_mode(z, y, text, config: HeadConfig, steps: int, device: torch.device) 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    run_epoch(objective, batches(steps), optimizer, epoch=0, lr_at=lambda s: 1.0, first_step=2)
+    run_epoch(objective, batches(steps), optimizer, epoch=0, lr_at=lambda s: 1.0, first_step=2,
+              amp=amp)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     total = time.perf_counter() - started
@@ -86,6 +89,38 @@ def time_mode(z, y, text, config: HeadConfig, steps: int, device: torch.device) 
     per_step["rest"] = total / steps - sum(per_step.values())
     per_step["total"] = total / steps
     return per_step
+
+
+def measure(*, classes: int = 100, rows_per_class: int = 1260, dim: int = 512,
+            batch_size: int = 256, steps: int = 10, modes=tuple(MODES),
+            device: torch.device | str = "cpu", synthesis: SynthesisConfig = PAPER,
+            queue: int = 1000, log=None) -> dict:
+    """Per-step times of each mode on a generated cache; see the module docstring.
+
+    Returns ``{"rows", "steps_per_epoch", "modes": {mode: {"total", "synthesis", "queue",
+    "rest", "epoch_s"}}}`` (seconds per step; ``epoch_s`` extrapolated).
+    """
+    device = torch.device(device)
+    world = make_feature_world(n_classes=classes, n_heldout=1, dim=dim, subspace=32,
+                               n_train=rows_per_class, n_test=1, seed=0)
+    z = torch.from_numpy(world.train)
+    y = torch.from_numpy(world.train_labels).long()
+    text = torch.from_numpy(world.text_embeddings)
+    steps_per_epoch = math.ceil(z.shape[0] / batch_size)
+    base = HeadConfig(batch_size=batch_size, queue=queue, synthesis=synthesis)
+    out = {"rows": int(z.shape[0]), "dim": dim, "classes": classes, "batch_size": batch_size,
+           "steps_per_epoch": steps_per_epoch, "device": str(device), "modes": {}}
+    for mode in modes:
+        changes = dict(MODES[mode])
+        if "synthesis" in changes:
+            changes["synthesis"] = dataclasses.replace(synthesis,
+                                                       candidates=changes["synthesis"].candidates)
+        r = time_mode(z, y, text, dataclasses.replace(base, **changes), steps, device)
+        r["epoch_s"] = r["total"] * steps_per_epoch
+        out["modes"][mode] = r
+        if log is not None:
+            log(mode, r)
+    return out
 
 
 def main(argv=None) -> None:
@@ -102,28 +137,20 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-
-    world = make_feature_world(n_classes=args.classes, n_heldout=1, dim=args.dim,
-                               subspace=32, n_train=args.rows_per_class, n_test=1, seed=0)
-    z = torch.from_numpy(world.train)
-    y = torch.from_numpy(world.train_labels).long()
-    text = torch.from_numpy(world.text_embeddings)
-    rows = z.shape[0]
-    steps_per_epoch = math.ceil(rows / args.batch_size)
-    base = HeadConfig(batch_size=args.batch_size, queue=1000, synthesis=PAPER)
-    print(f"cache {rows} x {args.dim}, {args.classes} classes, batch {args.batch_size} "
-          f"({steps_per_epoch} steps/epoch); device {device}, "
+    steps_per_epoch = math.ceil(args.classes * args.rows_per_class / args.batch_size)
+    print(f"cache {args.classes * args.rows_per_class} x {args.dim}, {args.classes} classes, "
+          f"batch {args.batch_size} ({steps_per_epoch} steps/epoch); device {args.device}, "
           f"{torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}")
-    results = {}
-    for mode in args.modes:
-        config = dataclasses.replace(base, **MODES[mode])
-        results[mode] = time_mode(z, y, text, config, args.steps, device)
-        r = results[mode]
+
+    def log(mode, r):
         print(f"{mode:13s} step {1000 * r['total']:8.1f} ms  "
               f"(synthesis {1000 * r['synthesis']:8.1f}"
               f", queue {1000 * r['queue']:6.2f}, rest {1000 * r['rest']:6.2f})  "
-              f"epoch {r['total'] * steps_per_epoch:8.1f} s", flush=True)
+              f"epoch {r['epoch_s']:8.1f} s", flush=True)
+
+    results = measure(classes=args.classes, rows_per_class=args.rows_per_class, dim=args.dim,
+                      batch_size=args.batch_size, steps=args.steps, modes=args.modes,
+                      device=args.device, log=log)["modes"]
     if "no-synthesis" in results:
         baseline = results["no-synthesis"]["total"]
         print("\n| mode | ms/step | synthesis ms | queue ms | rest ms | epoch s "
@@ -132,7 +159,7 @@ def main(argv=None) -> None:
         for mode, r in results.items():
             print(f"| {mode} | {1000 * r['total']:.1f} | {1000 * r['synthesis']:.1f} | "
                   f"{1000 * r['queue']:.2f} | {1000 * r['rest']:.2f} | "
-                  f"{r['total'] * steps_per_epoch:.1f} | {r['total'] / baseline:.1f}x |")
+                  f"{r['epoch_s']:.1f} | {r['total'] / baseline:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,20 @@ import pytest
 from npos.store import FeatureStore
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are always collected and skipped where torch sees no GPU."""
+    cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not cuda_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in cuda_items:
+        item.add_marker(skip)
+
+
 def write_store(url, embeddings, labels=None, *, class_names=None, chunk_rows=64,
                 dtype="float32", model="test-model", text_embeddings=None, kind="features",
                 attrs=None, ids=None):

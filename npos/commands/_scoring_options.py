@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from npos.commands._common import device_option
-from npos.synthesize.config import BACKENDS as KNN_BACKENDS
+from npos.knn import KNN_BACKENDS
 
 
 def scoring_options(func):

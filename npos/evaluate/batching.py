@@ -97,7 +97,10 @@ class Distributed:
             if not dist.is_initialized():
                 cuda = self.device.startswith("cuda")
                 if cuda:
-                    torch.cuda.set_device(torch.device(self.device))
+                    # a plain "cuda" means this rank's local GPU (set_device needs an index)
+                    index = torch.device(self.device).index
+                    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0"))
+                                          if index is None else index)
                 dist.init_process_group("nccl" if cuda else "gloo")
                 self._created = True
         return self

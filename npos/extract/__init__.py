@@ -1,17 +1,19 @@
 """Stage one: a frozen open_clip image encoder writes embeddings (and optionally tokens and
 zero-shot text embeddings) of an image folder or file list to a Zarr feature store.
 
-Importing this package registers npos's model configs (``npos-tiny``) with open_clip.
+The encoder itself (loading, autocast policy, ViT split) lives in :mod:`npos.encoder`; its
+names are re-exported here. Importing this package registers npos's model configs
+(``npos-tiny``) with open_clip.
 """
 
+from npos.device import resolve_device
+from npos.encoder import (DEFAULT_SEED, TINY_MODEL, Weights, WeightsUnavailableError,
+                          create_encoder, encode_image_tokens, encode_tokens_tail, file_sha256,
+                          image_preprocess_config, image_transform, load_encoder,
+                          register_model_configs, resolve_weights)
 from npos.extract.datasets import (IMAGE_EXTENSIONS, DataError, ImageDataset, ImageDecodeError,
                                    ImageSource, decode_image, load_image_source,
                                    read_class_names, read_classes_file, readable_class_names)
-from npos.extract.encoder import (DEFAULT_SEED, TINY_MODEL, Weights, WeightsUnavailableError,
-                                  create_encoder, encode_image_tokens, encode_tokens_tail,
-                                  file_sha256,
-                                  image_preprocess_config, image_transform, load_encoder,
-                                  register_model_configs, resolve_device, resolve_weights)
 from npos.extract.extraction import ExtractionStats, FeatureExtractor, extract_features
 from npos.extract.text import DEFAULT_TEMPLATES, load_templates, text_embeddings
 

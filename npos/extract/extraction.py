@@ -40,9 +40,9 @@ import torch
 from npos.errors import IncompatibleStoreError, NposError, ParameterError, StoreError
 from npos.extract.datasets import (ImageDataset, ImageDecodeError, ImageSource,
                                    load_image_source, read_class_names, readable_class_names)
-from npos.extract.encoder import (DEFAULT_SEED, autocast, create_encoder,
-                                  encode_image_tokens, image_preprocess_config, image_transform,
-                                  resolve_device, resolve_weights)
+from npos.device import resolve_device
+from npos.encoder import (DEFAULT_SEED, autocast, create_encoder, encode_image_tokens,
+                          image_preprocess_config, image_transform, resolve_weights)
 from npos.extract.text import DEFAULT_TEMPLATES, load_templates, text_embeddings, validate_templates
 from npos.log import third_party_logs
 from npos.settings import settings_record
@@ -193,13 +193,26 @@ class _ChunkWriter:
 
 
 def _check_finite(index: int, arrays: dict[str, np.ndarray]) -> None:
-    emb = arrays["embeddings"][arrays["valid"]]
-    if not np.isfinite(emb).all():
-        bad = int((~np.isfinite(emb).all(axis=1)).sum())
-        hint = (" (float16 overflow: use --dtype float32)"
-                if emb.dtype == np.float16 else "")
-        raise StoreError(f"the encoder produced {bad} non-finite embeddings in chunk "
-                         f"{index}{hint}")
+    """Refuse a chunk whose valid rows hold NaN/Inf embeddings or tokens (before writing)."""
+    for name, what in (("embeddings", "embeddings"), ("tokens", "token rows")):
+        if name not in arrays:
+            continue
+        values = arrays[name][arrays["valid"]]
+        finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+        if not finite.all():
+            hint = (" (float16 overflow: use --dtype float32)"
+                    if name == "embeddings" and values.dtype == np.float16 else "")
+            raise StoreError(f"the encoder produced {int((~finite).sum())} non-finite {what} "
+                             f"in chunk {index}{hint}")
+
+
+def _checked_text_embeddings(text: np.ndarray) -> np.ndarray:
+    """``text`` (C, D), refused when a class's text embedding holds NaN/Inf."""
+    finite = np.isfinite(text).all(axis=1)
+    if not finite.all():
+        raise StoreError(f"the text encoder produced non-finite embeddings for "
+                         f"{int((~finite).sum())} of {len(text)} classes")
+    return text
 
 
 class _ChunkBuffer:
@@ -266,7 +279,7 @@ class FeatureExtractor:
         open_clip model name (``npos-tiny``, ``ViT-B-16``, ...) or ``hf-hub:org/repo``.
     pretrained : str or None
         Pretrained tag, local checkpoint file, or ``"none"`` (seeded random init); see
-        :func:`npos.extract.encoder.resolve_weights`.
+        :func:`npos.encoder.resolve_weights`.
     batch_size : int
         Images per forward pass (batches never span chunks).
     workers : int or None
@@ -375,7 +388,7 @@ class FeatureExtractor:
         weights = resolve_weights(self.model, self.pretrained)
         clip = create_encoder(weights, seed=self.seed).to(device)
         preprocess = image_preprocess_config(clip)
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device, self.dtype):
             probe = torch.zeros((1, *_image_shape(preprocess)), device=device)
             if self.tokens_layer is None:
                 dim, token_shape = int(clip.encode_image(probe).shape[-1]), None
@@ -456,8 +469,8 @@ class FeatureExtractor:
             store.add_array("tokens", token_shape, "float16",
                             chunk_rows=_token_chunk_rows(self.chunk_rows, row_bytes))
         if names is not None and not _text_embeddings_ok(store, len(names), dim):
-            store.set_array("text_embeddings", text_embeddings(clip, _tokenizer(self.model),
-                                                               names, templates))
+            text = text_embeddings(clip, _tokenizer(self.model), names, templates)
+            store.set_array("text_embeddings", _checked_text_embeddings(text))
         return store
 
     def _encode(self, store, source, clip, preprocess, dim, token_shape, chunks, procs,
@@ -492,7 +505,7 @@ class FeatureExtractor:
                     row, reason = next((r, e) for r, e in zip(rows.tolist(), reasons) if e)
                     raise ImageDecodeError(source.path(row), reason)
                 images = images.to(device, non_blocking=True)
-                with torch.inference_mode(), autocast(device):
+                with torch.inference_mode(), autocast(device, store.dtype):
                     if token_shape is None:
                         emb, tok = clip.encode_image(images), None
                     else:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from npos.errors import ParameterError
-from npos.extract.encoder import autocast
+from npos.encoder import autocast
 
 if TYPE_CHECKING:
     from open_clip import CLIP
@@ -75,8 +75,8 @@ def load_templates(path: str | Path) -> list[str]:
 def text_embeddings(clip: CLIP, tokenizer: Callable, class_names: Sequence[str],
                     templates: Sequence[str] = DEFAULT_TEMPLATES, *,
                     batch_size: int = 512) -> np.ndarray:
-    """Prompt-ensemble text embedding of every class, on the model's device (autocast on
-    CUDA).
+    """Prompt-ensemble text embedding of every class, on the model's device (in float32, as
+    stored: see :mod:`npos.encoder.precision`).
 
     Parameters
     ----------
@@ -105,7 +105,7 @@ def text_embeddings(clip: CLIP, tokenizer: Callable, class_names: Sequence[str],
     parts = []
     for start in range(0, len(prompts), batch_size):
         tokens = tokenizer(prompts[start:start + batch_size]).to(device)
-        with autocast(device):
+        with autocast(device, "float32"):
             emb = clip.encode_text(tokens)
         parts.append(torch.nn.functional.normalize(emb.float(), dim=-1))
     per_prompt = torch.cat(parts).reshape(len(names), len(templates), -1)

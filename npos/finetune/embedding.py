@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from npos.device import resolve_device
-from npos.extract.encoder import autocast
+from npos.encoder import autocast
 from npos.finetune.tail import VisionTail
 from npos.finetune.tokens import iter_token_blocks
 from npos.store import FeatureStore
@@ -106,7 +106,7 @@ def embed_store(tail: VisionTail, source: FeatureStore, out: str, *, attrs: Mapp
             for start in range(0, keep.size, batch_size):
                 idx = keep[start:start + batch_size]
                 x = torch.from_numpy(tokens[idx]).to(device, torch.float32)
-                with autocast(device):
+                with autocast(device, target.dtype):
                     emb[idx] = tail(x).float().cpu().numpy()
             parts.append(emb)
             bar.update(valid.size)

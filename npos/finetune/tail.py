@@ -7,7 +7,7 @@ blocks of ``visual.transformer.resblocks``. Everything after that point — bloc
 embedding, ``ln_pre``, blocks ``0..L-1``) is never run again and is not part of the tail's
 state.
 
-The forward pass is :func:`npos.extract.encoder.encode_tokens_tail`, the very function the
+The forward pass is :func:`npos.encoder.encode_tokens_tail`, the very function the
 extraction uses, so a tail with the original weights reproduces the stored embeddings up to
 the float16 rounding of the cached tokens.
 
@@ -30,9 +30,8 @@ import torch
 from torch import nn
 
 from npos.atomic import atomic_path
+from npos.encoder import Weights, check_tokens_layer, create_encoder, encode_tokens_tail, num_blocks
 from npos.errors import NposError
-from npos.extract.encoder import (Weights, check_tokens_layer, create_encoder, encode_tokens_tail,
-                                  num_blocks)
 
 TAIL_FORMAT = "npos.tail/1"
 TAIL_FILE = "tail.safetensors"
@@ -145,7 +144,7 @@ def tuned_pretrained(base: str, tail_sha256: str) -> str:
 
 # ---------------------------------------------------------------------------- files
 def _sha256(data: bytes) -> str:
-    # Not npos.extract.file_sha256: it caches by (path, size, mtime), and a tail rewritten in
+    # Not npos.encoder.file_sha256: it caches by (path, size, mtime), and a tail rewritten in
     # place (resume, overwrite) has the same size and possibly the same mtime.
     return "sha256:" + hashlib.sha256(data).hexdigest()
 

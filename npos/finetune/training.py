@@ -36,7 +36,7 @@ import torch
 
 from npos.errors import IncompatibleStoreError, ParameterError
 from npos.device import resolve_device
-from npos.extract.encoder import DEFAULT_SEED, create_encoder, resolve_weights
+from npos.encoder import DEFAULT_SEED, create_encoder, resolve_weights
 from npos.finetune.config import (HEAD_DIR, PARTIAL_DIR, FinetuneConfig, FinetuneResult,
                                   parse_embed_specs)
 from npos.finetune.embedding import embed_store, embedded_attrs

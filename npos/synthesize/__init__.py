@@ -1,5 +1,6 @@
-"""Outlier synthesis: the batched NPOS engine, its ``vos``/``gaussian`` controls, kNN
-backends and per-class ring buffers for online use.
+"""Outlier synthesis: the batched NPOS engine, its ``vos``/``gaussian`` controls and per-class
+ring buffers for online use. The kNN backends live in :mod:`npos.knn` (``KnnIndex`` and
+``knn_kth_distance`` are re-exported here for old imports).
 
 >>> from npos.synthesize import SynthesisConfig, synthesize, ClassQueues
 >>> queues = ClassQueues(num_classes, capacity=1000, dim=512)
@@ -19,8 +20,9 @@ _LAZY = {
     "SynthesisResult": "npos.synthesize.engine",
     "SynthesisStats": "npos.synthesize.engine",
     "synthesize": "npos.synthesize.engine",
-    "KnnIndex": "npos.synthesize.knn",
-    "knn_kth_distance": "npos.synthesize.knn",
+    "KnnIndex": "npos.knn.index",
+    "knn_kth_distance": "npos.knn.index",
+    "KnnCache": "npos.knn.ivf",
     "ClassQueues": "npos.synthesize.queues",
 }
 

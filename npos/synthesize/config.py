@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from npos.knn import KNN_BACKENDS as BACKENDS  # noqa: F401 - old name, for CLI choices
+from npos.knn import backend_names
 from npos.validation import check_choice, check_float, check_int
 
 METHODS = ("npos", "vos", "gaussian")
 NOISE_SPACES = ("sphere", "raw")
-BACKENDS = ("auto", "torch", "faiss-flat", "faiss-ivf")
 
 #: The sigma used when ``sigma=None``, per noise space. ``raw`` 0.1 is the paper's value for
 #: CLIP ViT-B/16 (embedding norm ~10, D=512): a relative perturbation of
@@ -56,11 +57,13 @@ class SynthesisConfig:
         Candidates kept per picked point: those with the largest K-th-NN distance to the
         class bank (``npos``); noise draws per picked point (``gaussian``); ``keep <=
         candidates``.
-    backend : {"auto", "torch", "faiss-flat", "faiss-ivf"}
-        kNN backend. ``torch`` is the batched exact engine over all classes at once; the
-        faiss backends run one index per class (for banks too large for a (Q, Q) product).
-        ``auto`` takes ``torch`` up to :data:`npos.synthesize.engine.TORCH_MAX_BANK` points per
-        class.
+    backend : str
+        kNN backend (:mod:`npos.knn`): ``"auto"``, ``"torch"``, ``"faiss-flat"``,
+        ``"faiss-ivf"`` or any name added with :func:`npos.knn.register_backend`. ``torch``
+        is the batched exact engine over all classes at once; the others run one
+        :class:`~npos.knn.KnnIndex` per class (faiss: for banks too large for a (Q, Q)
+        product). ``auto`` is :func:`npos.knn.resolve_knn_backend` for the per-class bank
+        size.
     """
 
     method: str = "npos"
@@ -89,7 +92,7 @@ class SynthesisConfig:
         """
         check_choice("method", self.method, METHODS)
         check_choice("noise_space", self.noise_space, NOISE_SPACES)
-        check_choice("backend", self.backend, BACKENDS)
+        check_choice("backend", self.backend, backend_names())
         check_int("k", self.k, 1)
         check_int("pick", self.pick, 1)
         check_int("candidates", self.candidates, 1)

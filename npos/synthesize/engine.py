@@ -17,8 +17,15 @@ Unlike the public research code, a point is not its own neighbour, noise is inde
 per class and picked point, and rejection is per picked point (also when pick or keep is 1).
 
 All classes run together: banks are stacked (C, Q, D), similarities come from batched matrix
-products, k-th values from an in-place select (:func:`npos.synthesize._kth.kth_largest_`),
+products, k-th values from an in-place select (:func:`npos.knn.kth.kth_largest_`),
 and classes are processed in chunks so the working memory stays under ``memory_budget``.
+
+Backends (:mod:`npos.knn`): ``torch`` is this batched engine; every other registered backend
+(``faiss-flat``, ``faiss-ivf``, or one added with :func:`npos.knn.register_backend`) runs one
+:class:`~npos.knn.KnnIndex` per class bank. ``auto`` follows the one policy of
+:func:`npos.knn.resolve_knn_backend` for the per-class bank size Q. A ``knn_cache`` owned by
+the caller keeps what a backend learns across calls (``faiss-ivf``: trained lists, tuned
+nprobe per k), keyed by class, so a training loop trains and tunes once per class.
 
 Randomness — one ``torch.Generator``, consumed in this documented order (so a plain
 per-class loop can reproduce the output exactly, and chunking never changes it):
@@ -41,13 +48,12 @@ import torch
 import torch.nn.functional as F
 
 from npos.errors import ParameterError
-from npos.synthesize._kth import DEFAULT_MEMORY_BUDGET, kth_largest_, similarity_to_distance
+from npos.knn import resolve_knn_backend
+from npos.knn.ivf import KnnCache
+from npos.knn.kth import DEFAULT_MEMORY_BUDGET, kth_similarity  # noqa: F401 - old import path
 from npos.synthesize.config import SynthesisConfig
-from npos.synthesize.knn import KnnIndex, faiss_available
+from npos.synthesize.scorers import Scorers
 
-#: ``backend="auto"`` uses the batched torch engine up to this many points per class bank
-#: (its (Q, Q) products are row-blocked, so larger banks work too, only quadratically slower).
-TORCH_MAX_BANK = 20_000
 #: VOS covariance ridge, relative to the mean per-dimension variance.
 VOS_RIDGE = 1e-4
 
@@ -131,95 +137,6 @@ def draw_noise(n_classes: int, shape: tuple[int, ...], generator: torch.Generato
     return noise.to(device)
 
 
-def kth_similarity(queries: torch.Tensor, bank: torch.Tensor, k: int, *,
-                   exclude_self: bool = False, max_elements: int = 1 << 26) -> torch.Tensor:
-    """Batched k-th largest dot product of every query with its class bank.
-
-    Parameters
-    ----------
-    queries : Tensor of shape (C, n, D)
-        Any norm (the result is then a dot product, not a cosine).
-    bank : Tensor of shape (C, Q, D)
-        Unit vectors.
-    k : int
-        1 <= k <= Q (k <= Q - 1 with ``exclude_self``).
-    exclude_self : bool
-        The queries are the bank itself (n == Q, same order): query i never counts bank
-        point i, so this is the k-th nearest *other* point even among duplicates.
-    max_elements : int
-        Bound on the similarity block held at once; queries are processed in row blocks.
-
-    Returns
-    -------
-    Tensor of shape (C, n)
-        The k-th largest ``query . bank_point``; for unit queries, the cosine of the k-th
-        nearest neighbour.
-    """
-    c, n, _ = queries.shape
-    q = bank.shape[1]
-    rows = max(1, min(n, max_elements // max(1, c * q)))
-    out = torch.empty((c, n), dtype=queries.dtype, device=queries.device)
-    bank_t = bank.transpose(1, 2)
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        sims = torch.bmm(queries[:, start:stop], bank_t)  # (c, rows, Q)
-        if exclude_self:
-            own = torch.arange(start, stop, device=sims.device)
-            sims[:, own - start, own] = float("-inf")
-        out[:, start:stop] = kth_largest_(sims, k)
-    return out
-
-
-class _TorchScorer:
-    """K-th-NN distances by batched products over a chunk of classes."""
-
-    def __init__(self, k: int, max_elements: int) -> None:
-        self.k, self.max_elements = k, max_elements
-
-    def fit(self, unit: torch.Tensor) -> _TorchScorer:
-        """Use the (c, Q, D) unit banks of a chunk of classes."""
-        self.unit = unit
-        return self
-
-    def bank(self) -> torch.Tensor:
-        """(c, Q) distance of each bank point to its K-th nearest other point."""
-        sim = kth_similarity(self.unit, self.unit, self.k, exclude_self=True,
-                             max_elements=self.max_elements)
-        return similarity_to_distance(sim)
-
-    def queries(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(c, n, D) vectors (any norm) -> (c, n) K-th-NN distance to their class bank.
-
-        Dividing the k-th largest raw product by the query norm equals the k-th largest
-        cosine (division by a positive constant preserves order), and costs n divisions
-        instead of normalizing n x D values.
-        """
-        norms = vectors.norm(dim=-1).clamp_min_(1e-12)
-        sim = kth_similarity(vectors, self.unit, self.k, max_elements=self.max_elements)
-        return similarity_to_distance(sim / norms)
-
-
-class _FaissScorer:
-    """The same distances from one faiss index per class (a Python loop over classes): for
-    banks too large for the (Q, Q) products of the torch engine."""
-
-    def __init__(self, backend: str, k: int) -> None:
-        self.backend, self.k = backend, k
-
-    def fit(self, unit: torch.Tensor) -> _FaissScorer:
-        self.unit = unit
-        self.indexes = [KnnIndex(self.backend).fit(bank) for bank in unit]
-        return self
-
-    def bank(self) -> torch.Tensor:
-        return torch.stack([index.kth_distance(bank, self.k, exclude_self=True)
-                            for index, bank in zip(self.indexes, self.unit)])
-
-    def queries(self, vectors: torch.Tensor) -> torch.Tensor:
-        return torch.stack([index.kth_distance(v, self.k)
-                            for index, v in zip(self.indexes, vectors)])
-
-
 def _check_inputs(banks: torch.Tensor, ready: torch.Tensor | None,
                   generator: torch.Generator) -> torch.Tensor:
     """Validate banks/ready/generator; return the ready class ids (ascending, CPU int64)."""
@@ -281,7 +198,8 @@ def _chunk_size(n_ready: int, per_class_fixed: int, per_class_sims: int,
 def synthesize(banks: torch.Tensor, config: SynthesisConfig, *,
                ready: torch.Tensor | None = None, generator: torch.Generator,
                memory_budget: int = DEFAULT_MEMORY_BUDGET,
-               return_stats: bool = False) -> SynthesisResult:
+               return_stats: bool = False,
+               knn_cache: KnnCache | None = None) -> SynthesisResult:
     """Synthesize virtual outliers for every ready class.
 
     Parameters
@@ -298,6 +216,10 @@ def synthesize(banks: torch.Tensor, config: SynthesisConfig, *,
         Bound, in bytes, on the working memory (classes are processed in chunks).
     return_stats : bool
         Also return per-class diagnostics (:class:`SynthesisStats`).
+    knn_cache : KnnCache, optional
+        Kept by the caller across calls: per-class kNN state (``faiss-ivf``: trained lists
+        and tuned nprobe) is then built once, not on every call. Without it every call
+        fits its indexes from scratch.
 
     Returns
     -------
@@ -309,9 +231,13 @@ def synthesize(banks: torch.Tensor, config: SynthesisConfig, *,
     config.validate(bank_size=q)
     runner = {"npos": _npos, "gaussian": _gaussian, "vos": _vos}[config.method]
     budget = max(1, int(memory_budget) // 4)
+    backend = resolve_knn_backend(config.backend, q, on_gpu=banks.device.type == "cuda")
+    if knn_cache is not None and not isinstance(knn_cache, KnnCache):
+        raise ParameterError(f"knn_cache must be a KnnCache or None; got "
+                             f"{type(knn_cache).__name__}")
     with torch.no_grad():
         parts, stats = runner(banks, classes.to(banks.device), config, generator, budget,
-                              return_stats, resolve_backend(config.backend, q))
+                              return_stats, Scorers(backend, config.k, knn_cache))
     if parts:
         outliers, labels, distance, source = (torch.cat(column) for column in zip(*parts))
     else:
@@ -322,13 +248,6 @@ def synthesize(banks: torch.Tensor, config: SynthesisConfig, *,
     return SynthesisResult(outliers.to(banks.dtype), labels, distance.float(), source, stats)
 
 
-def resolve_backend(backend: str, bank_size: int) -> str:
-    """The concrete backend ``auto`` stands for at this bank size."""
-    if backend != "auto":
-        return backend
-    return "torch" if bank_size <= TORCH_MAX_BANK or not faiss_available() else "faiss-ivf"
-
-
 def _outputs(classes, v_kept, scale, distance, source, keep):
     """Flatten (c, p, keep, ...) selections into result parts."""
     c, p = v_kept.shape[:2]
@@ -336,10 +255,6 @@ def _outputs(classes, v_kept, scale, distance, source, keep):
     labels = classes.view(c, 1).expand(c, p * keep).reshape(-1)
     sources = source.view(c, p, 1).expand(c, p, keep).reshape(-1)
     return outliers, labels, distance.reshape(-1), sources
-
-
-def _scorer(backend: str, k: int, max_sims: int):
-    return _TorchScorer(k, max_sims) if backend == "torch" else _FaissScorer(backend, k)
 
 
 def _run_chunks(classes: torch.Tensor, chunk: int, body, return_stats: bool, make_stats):
@@ -358,7 +273,7 @@ def _run_chunks(classes: torch.Tensor, chunk: int, body, return_stats: bool, mak
     return parts, stats
 
 
-def _npos(banks, classes, cfg, generator, budget, return_stats, backend):
+def _npos(banks, classes, cfg, generator, budget, return_stats, scorers):
     n_ready = classes.numel()
     _, q, dim = banks.shape
     p, m = cfg.pick, cfg.candidates
@@ -372,7 +287,7 @@ def _npos(banks, classes, cfg, generator, budget, return_stats, backend):
     def body(start, cls):
         c = cls.numel()
         raw = _class_chunk(banks, cls)
-        scorer = _scorer(backend, cfg.k, max_sims).fit(F.normalize(raw, dim=-1))
+        scorer = scorers.fit(F.normalize(raw, dim=-1), cls, max_sims)
         bank_d = scorer.bank()
         boundary = bank_d.topk(cfg.select, dim=1).indices  # by decreasing distance
         source = boundary.gather(1, picks[start:start + c])  # (c, p)
@@ -389,7 +304,7 @@ def _npos(banks, classes, cfg, generator, budget, return_stats, backend):
                        lambda *s: SynthesisStats(classes, *s))
 
 
-def _gaussian(banks, classes, cfg, generator, budget, return_stats, backend):
+def _gaussian(banks, classes, cfg, generator, budget, return_stats, scorers):
     """Plain Gaussian control: noise around uniformly drawn bank points, all draws kept."""
     n_ready = classes.numel()
     _, q, dim = banks.shape
@@ -403,7 +318,7 @@ def _gaussian(banks, classes, cfg, generator, budget, return_stats, backend):
     def body(start, cls):
         c = cls.numel()
         raw = _class_chunk(banks, cls)
-        scorer = _scorer(backend, cfg.k, max_sims).fit(F.normalize(raw, dim=-1))
+        scorer = scorers.fit(F.normalize(raw, dim=-1), cls, max_sims)
         source = picks[start:start + c]
         centers = raw.gather(1, source.unsqueeze(-1).expand(c, p, dim))
         noise = draw_noise(c, (p, keep, dim), generator, banks.device)
@@ -455,7 +370,7 @@ def fit_shared_gaussian(banks: torch.Tensor, classes: torch.Tensor, space: str, 
     return torch.cat(means).float(), chol.float()
 
 
-def _vos(banks, classes, cfg, generator, budget, return_stats, backend):
+def _vos(banks, classes, cfg, generator, budget, return_stats, scorers):
     """Parametric control (VOS-style): per-class Gaussians with a shared covariance.
 
     A sample ``x = mu_c + L eps`` has Mahalanobis distance ``|eps|^2`` under the shared
@@ -477,7 +392,7 @@ def _vos(banks, classes, cfg, generator, budget, return_stats, backend):
     def body(start, cls):
         c = cls.numel()
         raw = _class_chunk(banks, cls)
-        scorer = _scorer(backend, cfg.k, max_sims).fit(F.normalize(raw, dim=-1))
+        scorer = scorers.fit(F.normalize(raw, dim=-1), cls, max_sims)
         eps = draw_noise(c, (total, dim), generator, banks.device)
         order = eps.square().sum(dim=-1).topk(kept_n, dim=1).indices  # lowest likelihood first
         x = means[start:start + c].unsqueeze(1) + eps @ chol.T  # (c, total, D)

@@ -11,9 +11,9 @@ import torch
 
 from npos.device import resolve_device
 from npos.errors import ParameterError, StoreError, StoreExistsError
+from npos.knn.kth import DEFAULT_MEMORY_BUDGET
 from npos.settings import settings_record
 from npos.store import IDENTITY_KEYS, FeatureStore, store_exists
-from npos.synthesize._kth import DEFAULT_MEMORY_BUDGET
 from npos.synthesize.config import SynthesisConfig
 from npos.synthesize.engine import SynthesisResult, SynthesisStats, synthesize
 from npos.validation import check_int

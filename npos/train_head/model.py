@@ -80,8 +80,14 @@ class CosineClassifier(nn.Module):
             self.register_buffer("weight", weight)
 
     def cosines(self, h: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (N, C) cosine similarities in [-1, 1]."""
-        return F.normalize(h, dim=-1) @ F.normalize(self.weight, dim=-1).T
+        """(N, D) -> (N, C) float32 cosine similarities in [-1, 1].
+
+        Always float32, also under autocast: bfloat16 carries 8 significant bits, so a
+        cosine near 0.9 is off by up to ~0.002, which the temperature (0.01 for CLIP) turns
+        into ~0.2 of logit noise. The product is (N, D) x (D, C): cheap in float32.
+        """
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return F.normalize(h.float(), dim=-1) @ F.normalize(self.weight.float(), dim=-1).T
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N, C) logits ``cos / temperature``."""

@@ -17,6 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from npos.errors import ParameterError
+from npos.knn import KnnCache
 from npos.synthesize import ClassQueues, synthesize
 from npos.train_head.config import HeadConfig
 from npos.train_head.losses import CiderLoss, logitnorm_loss, outlier_loss
@@ -83,6 +84,11 @@ class HeadObjective:
         if config.ood_weight > 0:
             self.queues = ClassQueues(model.num_classes, config.queue, model.dim, device=device)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+        # An approximate kNN backend's trained lists and tuned nprobe are reused within an
+        # epoch and dropped at its end (the projected space drifts), so a resumed run,
+        # which starts a fresh epoch, sees the same state as an uninterrupted one.
+        self.knn_cache = KnnCache()
+        self._cache_epoch = -1
         self.outliers: torch.Tensor | None = None
         self.steps = 0
         self._queues_full = False
@@ -124,10 +130,14 @@ class HeadObjective:
         if self.profile:
             sync_device(self.device)
         start = time.perf_counter()
+        if epoch != self._cache_epoch:
+            self.knn_cache.clear()
+            self._cache_epoch = epoch
         # Nearest-neighbour ranks need float32: keep autocast's bfloat16 out of synthesis.
         with torch.autocast(device_type=self.device.type, enabled=False):
             result = synthesize(self.queues.banks, self.config.synthesis,
-                                ready=self.queues.ready, generator=self.generator)
+                                ready=self.queues.ready, generator=self.generator,
+                                knn_cache=self.knn_cache)
         self.outliers = result.outliers
         if self.profile:
             sync_device(self.device)

@@ -112,3 +112,17 @@ def test_load_head_errors(tmp_path):
     (tmp_path / "h" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model.safetensors is missing"):
         load_head(tmp_path / "h")
+
+
+def test_cosine_classifier_stays_float32_under_autocast():
+    # Cosines near 0.9 at temperature 0.01: bfloat16 would be off by ~0.2 of logit.
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(10, 64, generator=gen)
+    z = weight[:6] + 0.4 * torch.randn(6, 64, generator=gen)
+    model = HeadModel(weight, temperature=0.01, train_classifier=True)
+    reference = model.logits(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.logits(z)
+        direct = model.classifier(z)
+    assert logits.dtype == torch.float32 and direct.dtype == torch.float32
+    torch.testing.assert_close(direct, reference, rtol=0, atol=1e-4)

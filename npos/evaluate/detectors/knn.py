@@ -30,16 +30,16 @@ MAX_UNIT_DISTANCE = 2.0
 
 def knn_index_class() -> type:
     """``KnnIndex`` (imported on first use: it loads torch)."""
-    from npos.synthesize.knn import KnnIndex
+    from npos.knn import KnnIndex
 
     return KnnIndex
 
 
 def knn_backends() -> tuple[str, ...]:
-    """The kNN backend names (``auto`` first)."""
-    from npos.synthesize.knn import KNN_BACKENDS
+    """The kNN backend names (``auto`` first), registered ones included."""
+    from npos.knn import backend_names
 
-    return tuple(KNN_BACKENDS)
+    return backend_names()
 
 
 def _array(x: Any) -> Any:
