@@ -289,15 +289,6 @@ def _token_chunk_rows(chunk_rows: int, row_bytes: int) -> int:
     return max(d for d in range(1, min(chunk_rows, limit) + 1) if chunk_rows % d == 0)
 
 
-def _failed_rows(store: FeatureStore) -> list[dict[str, str]]:
-    rows = np.flatnonzero(~np.asarray(store.array("valid")[:], dtype=bool))
-    if rows.size == 0:
-        return []
-    ids = store.array("ids").oindex[rows]
-    reasons = store.array("error").oindex[rows]
-    return [{"id": str(i), "reason": str(r)} for i, r in zip(ids, reasons)]
-
-
 class FeatureExtractor:
     """Encode an image folder or file list into a feature store. Parameters are validated by
     :meth:`run` before anything is read or written.
@@ -476,7 +467,7 @@ class FeatureExtractor:
                              stats)
             procs.barrier()
             if procs.rank == 0:
-                failed = _failed_rows(store)
+                failed = store.failed_rows(recompute=True)
                 store.update_attrs(failed=failed,
                                    settings=self._settings(data, weights, procs))
                 stats.store_failed = len(failed)

@@ -666,6 +666,22 @@ class FeatureStore:
             yield batch
 
     # ------------------------------------------------------------------ inspection
+    def failed_rows(self, *, recompute: bool = False) -> list[dict[str, str]]:
+        """Rows (of done chunks) whose input failed, as ``[{"id": ..., "reason": ...}]``: the
+        ``failed`` attribute written at the end of a run, or, with ``recompute`` or without
+        it, read from the ``valid`` and ``error`` arrays."""
+        failed = None if recompute else self.attrs.get("failed")
+        if failed is not None:
+            return [dict(row) for row in failed]
+        if not self.has("valid"):
+            return []
+        rows = np.flatnonzero(~np.asarray(self.array("valid")[:], dtype=bool)
+                              & np.repeat(self.done_mask(), self.chunk_rows)[: self.n_rows])
+        ids = np.asarray(self.array("ids")[:])[rows]
+        reasons = (np.asarray(self.array("error")[:])[rows] if self.has("error")
+                   else [""] * rows.size)
+        return [{"id": str(i), "reason": str(r)} for i, r in zip(ids, reasons)]
+
     def info(self) -> dict[str, Any]:
         """A summary: rows, dim, dtype, kind, model, classes, chunks done."""
         attrs = self.attrs
