@@ -36,8 +36,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -36,7 +36,7 @@ class Problem:
 
 
 def _chunk_list(chunks, limit: int = 10) -> str:
-    chunks = sorted(set(int(c) for c in chunks))
+    chunks = sorted({int(c) for c in chunks})
     return ", ".join(map(str, chunks[:limit])) + (" ..." if len(chunks) > limit else "")
 
 

@@ -114,7 +114,7 @@ def test_non_finite_values_are_repaired(clean_store, tmp_path, same_store):
 
 
 def test_cli_rerun_repairs_and_readers_refuse_in_one_line(clean_store, tmp_path):
-    root, url, _ = clean_store
+    root = clean_store[0]
     damaged = _damaged_copy(clean_store, tmp_path, "labels")
     runner = CliRunner()
     result = runner.invoke(cli, ["synthesize", damaged, "--stats-only", "--queue", "4",
