@@ -50,6 +50,15 @@ def is_lockable(target: str | os.PathLike) -> bool:
     return "://" not in os.fspath(target) or os.fspath(target).startswith("file://")
 
 
+def _command_line() -> str:
+    """This process's command line, with ``npos`` for ``python -m npos`` and the script."""
+    argv = list(sys.argv)
+    first = Path(argv[0]) if argv and argv[0] else Path("python")
+    if first.name == "npos" or (first.name == "__main__.py" and first.parent.name == "npos"):
+        argv[0] = "npos"
+    return shlex.join(argv)
+
+
 def _secondary_rank() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
 
@@ -110,7 +119,7 @@ class WriterLock:
                  command: str | None = None) -> None:
         self.target = os.fspath(target)
         self.what = what
-        self.command = command if command is not None else shlex.join(sys.argv)
+        self.command = command if command is not None else _command_line()
         self.path = lock_path(self.target) if is_lockable(self.target) else None
         self.held = False
 

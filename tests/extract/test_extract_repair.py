@@ -177,3 +177,16 @@ def test_max_failed(tmp_path, folder_factory, tiny):
     result = runner.invoke(cli, ["store", "info", out, "--failed", "--json"])
     listed = json.loads(result.stdout)
     assert sorted(row["id"] for row in listed) == ["cat/bad.jpg", "dog/empty.jpg"]
+
+
+def test_undecodable_chunk_reported_and_repaired(clean_store, tmp_path, same_store):
+    root, url, tiny = clean_store
+    copy = str(tmp_path / "garbage.zarr")
+    shutil.copytree(url, copy)
+    _chunk_files(copy, "embeddings", 1)[0].write_bytes(b"\x00garbage" * 7)
+    problems = FeatureStore.open(copy).verify()
+    assert len(problems) == 1
+    assert problems[0].startswith("array 'embeddings' chunk 1 (rows 8..15) cannot be read: ")
+    rerun = FeatureExtractor(**PARAMS, **tiny).run(root, copy)
+    assert rerun.stats_.repaired == [1]
+    same_store(FeatureStore.open(copy), FeatureStore.open(url))
