@@ -39,7 +39,7 @@ import zarr
 from npos import __version__
 from npos.errors import (IncompatibleStoreError, ParameterError, StoreError, StoreExistsError,
                          StoreNotFoundError)
-from npos.store.chunks import MARKER, WRITE_CONFIG, chunk_keys, list_chunk_keys, row_chunks_of
+from npos.store.chunks import MARKER, WRITE_CONFIG, ChunkFiles
 from npos.store.lock import WriterLock
 
 SCHEMA = "npos.features/1"
@@ -124,7 +124,7 @@ def _describe_mismatch(key: str, stored: Any, wanted: Any) -> str:
     return f"it was made with {key}={stored!r} but this run uses {key}={wanted!r}"
 
 
-class FeatureStore:
+class FeatureStore(ChunkFiles):
     """A Zarr v3 feature store. Create with :meth:`create`, open with :meth:`open`.
 
     Parameters are never passed to the constructor directly; it wraps an open group.
@@ -393,77 +393,6 @@ class FeatureStore:
         """
         self.require_chunks(name)
         return self._array(name)
-
-    # ------------------------------------------------------------------ chunk files
-    @property
-    def checks_chunk_files(self) -> bool:
-        """True when every written chunk has a file (stores made by this npos version); in
-        older stores an absent file may just mean a chunk equal to the fill value."""
-        return bool(self._group.attrs.get(MARKER))
-
-    def is_row_array(self, name: str) -> bool:
-        """True for arrays aligned with the store's rows (first dimension ``row``)."""
-        arr = self._array(name)
-        dims = arr.metadata.dimension_names
-        if dims is not None:
-            return dims[0] == "row"
-        return name not in ("done", "text_embeddings") and arr.shape[:1] == (self.n_rows,)
-
-    def lost_chunks(self, name: str, chunks: Sequence[int] | None = None) -> list[int]:
-        """Done store chunks (all, or those of ``chunks``) whose file is missing in array
-        ``name``. For a whole array (``text_embeddings``) ``[0]`` when any file is missing.
-        ``done`` itself is never reported: a lost flag reads as "not done" and is redone."""
-        if name == "done" or not self.checks_chunk_files:
-            return []
-        arr = self._array(name)
-        if self.is_row_array(name):
-            done = self.done_mask()
-            wanted = [int(c) for c in (range(self.n_chunks) if chunks is None else chunks)
-                      if done[c]]
-            expected = {c: [k for _, k in chunk_keys(arr, row_chunks_of(arr, c, self.chunk_rows))]
-                        for c in wanted}
-        else:
-            expected = {0: [k for _, k in chunk_keys(arr)]}
-        if name not in self._keys:
-            self._keys[name] = list_chunk_keys(arr)
-        lost = [c for c, keys in expected.items() if any(k not in self._keys[name] for k in keys)]
-        if lost:  # the cached listing may predate recent writes: list again before judging
-            self._keys[name] = list_chunk_keys(arr)
-            lost = [c for c in lost if any(k not in self._keys[name] for k in expected[c])]
-        return lost
-
-    def repair_hint(self) -> str:
-        """How to repair this store, for messages."""
-        attrs = self.attrs
-        source = attrs.get("source") or {}
-        if self.kind == "features" and "finetune" in attrs:
-            how = "re-create it with the 'npos finetune' command that wrote it"
-        elif self.kind == "features" and "root" in source:
-            how = f"re-run 'npos extract ... --out {self.url}' (re-run to repair)"
-        elif self.kind == "features" and "path" in source:
-            how = f"re-run 'npos store import ... --out {self.url}' (re-run to repair)"
-        else:
-            how = {"outliers": "re-create it ('npos synthesize ... --overwrite')",
-                   "scores": "re-create it ('npos score ... --overwrite')"}.get(
-                       self.kind, "re-create it with --overwrite")
-        return f"{how}; 'npos store verify {self.url}' lists all damage"
-
-    def require_chunks(self, name: str, chunks: Sequence[int] | None = None) -> None:
-        """Raise :class:`~npos.errors.StoreError` when a done chunk (of ``chunks``, default
-        all) lost its file in array ``name``, naming store, array, chunk and the repair."""
-        if name in self._checked and chunks is None:
-            return
-        lost = self.lost_chunks(name, chunks)
-        if lost:
-            where = f"chunk {lost[0]}"
-            if self.is_row_array(name):
-                rows = self.chunk_slice(lost[0])
-                where += f" (rows {rows.start}..{rows.stop - 1})"
-            more = f" and {len(lost) - 1} more chunk(s)" if len(lost) > 1 else ""
-            raise StoreError(f"store {self.url!r} is damaged: array {name!r} lost the file of "
-                             f"{where}{more}; {self.repair_hint()}")
-        if chunks is None:
-            self._checked.add(name)
 
     # ------------------------------------------------------------------ chunks
     def chunk_slice(self, index: int) -> slice:
