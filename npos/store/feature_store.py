@@ -242,12 +242,12 @@ class FeatureStore(ChunkFiles):
 
         group = zarr.open_group(str(url), mode="w")  # mode "w" first removes an old store
         n_chunks = math.ceil(n_rows / chunk_rows)
-        for name, shape, chunks, kind_dtype, fill in (
+        for name, shape, chunks, arr_dtype, fill in (
                 ("embeddings", (n_rows, dim), (chunk_rows, dim), dtype, float("nan")),
                 ("labels", (n_rows,), (chunk_rows,), "int32", -1),
                 ("ids", (n_rows,), (chunk_rows,), str, None),
                 ("done", (n_chunks,), (1,), "bool", False)):
-            group.create_array(name, shape=shape, chunks=chunks, dtype=kind_dtype,
+            group.create_array(name, shape=shape, chunks=chunks, dtype=arr_dtype,
                                fill_value=fill, dimension_names=DIMENSION_NAMES[name],
                                config=WRITE_CONFIG)
         group.attrs.update({

@@ -145,3 +145,28 @@ def test_every_store_opens_with_xarray(features, outliers):
     np.testing.assert_array_equal(ds["knn_distance"].values, outliers.read("knn_distance"))
     assert float(ds["embeddings"].sum().compute()) == pytest.approx(
         float(torch.from_numpy(outliers.read()).double().sum()), rel=1e-5)
+
+
+def test_store_import_rerun_repairs(tmp_path, rng):
+    np.save(tmp_path / "e.npy", rng.normal(size=(50, 4)).astype(np.float32))
+    np.save(tmp_path / "y.npy", rng.integers(0, 3, 50))
+    runner = CliRunner()
+
+    def run(out, *extra):
+        return runner.invoke(cli, ["store", "import", "--embeddings", str(tmp_path / "e.npy"),
+                                   "--labels", str(tmp_path / "y.npy"), "--out", str(out),
+                                   "--chunk-rows", "16", *extra])
+
+    assert run(tmp_path / "clean.zarr").exit_code == 0
+    assert run(tmp_path / "s.zarr").exit_code == 0
+    _unlink_chunk(str(tmp_path / "s.zarr"), "labels", 2)
+    with pytest.raises(StoreError, match=r"lost the file of chunk 2 \(rows 32\.\.47\); re-run "
+                                         r"'npos store import \.\.\. --out"):
+        FeatureStore.open(str(tmp_path / "s.zarr")).read("labels")
+    assert run(tmp_path / "s.zarr").exit_code == 0
+    repaired, clean = (FeatureStore.open(str(tmp_path / n)) for n in ("s.zarr", "clean.zarr"))
+    assert repaired.verify() == []
+    for name in ("embeddings", "labels", "ids"):
+        np.testing.assert_array_equal(repaired.read(name), clean.read(name))
+    result = run(tmp_path / "s.zarr")
+    assert result.exit_code == 2 and "already exists" in result.output  # healthy: refused
