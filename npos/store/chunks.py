@@ -12,6 +12,7 @@ import itertools
 import math
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import zarr
 
 from npos.errors import StoreError
@@ -133,3 +134,50 @@ class ChunkFiles:
                              f"{where}{more}; {self.repair_hint()}")
         if chunks is None:
             self._checked.add(name)
+
+    def read_rows(self, name: str, start: int | None = None, stop: int | None = None, *,
+                  check_files: bool = True) -> np.ndarray:
+        """Rows [start, stop) of array ``name`` (the whole array by default), refusing lost
+        chunk files (:meth:`require_chunks`, unless not ``check_files``) and chunks that
+        cannot be decoded: those raise :class:`ChunkReadError` naming the array, the chunk
+        and how to repair."""
+        if check_files:
+            self.require_chunks(name)
+        arr = self._array(name)
+        try:
+            return np.asarray(arr[start:stop] if start is not None else arr[...])
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is damage
+            chunk, rows, cause = self._undecodable(name, start, stop, exc)
+            where = f"chunk {chunk}" + (f" (rows {rows.start}..{rows.stop - 1})" if rows else "")
+            raise ChunkReadError(
+                f"store {self.url!r} is damaged: array {name!r} {where} cannot be read "
+                f"({cause}); {self.repair_hint()}", name, chunk, rows, cause) from exc
+
+    def _undecodable(self, name: str, start: int | None, stop: int | None,
+                     exc: BaseException) -> tuple[int, slice | None, str]:
+        """The first store chunk of rows [start, stop) that fails to decode, its rows, and
+        why (one line)."""
+        def why(e: BaseException) -> str:
+            return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+        if not self.is_row_array(name):
+            return 0, None, why(exc)
+        arr, start = self._array(name), start or 0
+        last = (min(stop if stop is not None else self.n_rows, self.n_rows) - 1)
+        for c in range(start // self.chunk_rows, last // self.chunk_rows + 1):
+            rows = self.chunk_slice(c)
+            try:
+                arr[rows]
+            except Exception as e:  # noqa: BLE001
+                return c, rows, why(e)
+        return start // self.chunk_rows, self.chunk_slice(start // self.chunk_rows), why(exc)
+
+
+class ChunkReadError(StoreError):
+    """A chunk of a store array cannot be decoded: ``array``, ``chunk``, its ``rows`` (None
+    for a whole array) and the ``cause`` name it."""
+
+    def __init__(self, message: str, array: str, chunk: int, rows: slice | None,
+                 cause: str) -> None:
+        super().__init__(message)
+        self.array, self.chunk, self.rows, self.cause = array, chunk, rows, cause

@@ -535,7 +535,7 @@ class FeatureStore(ChunkFiles):
                 "(finish the run that writes it, or check it with 'npos store verify')")
         mask = np.repeat(done, self.chunk_rows)[: self.n_rows]
         if self.has("valid"):
-            mask &= np.asarray(self.array("valid")[:], dtype=bool)
+            mask &= self.read_rows("valid").astype(bool)
         return mask
 
     def read(self, name: str = "embeddings", *, complete: bool = True, dtype: str | None = None,
@@ -546,12 +546,12 @@ class FeatureStore(ChunkFiles):
         when given.
         """
         mask = self.readable_rows(complete=complete)
-        data = np.asarray(self.array(name)[:])[mask]
+        data = self.read_rows(name)[mask]
         return self._convert(data, dtype, as_torch)
 
     def read_extra(self, name: str, *, dtype: str | None = None, as_torch: bool = False):
         """Read a whole non-row array such as ``text_embeddings``."""
-        return self._convert(np.asarray(self.array(name)[...]), dtype, as_torch)
+        return self._convert(self.read_rows(name), dtype, as_torch)
 
     @staticmethod
     def _convert(data: np.ndarray, dtype: str | None, as_torch: bool):
@@ -577,15 +577,16 @@ class FeatureStore(ChunkFiles):
         if batch_rows < 1:
             raise ParameterError(f"batch_rows must be >= 1; got {batch_rows}")
         mask = self.readable_rows(complete=complete)
-        arrays = {name: self.array(name) for name in names}
+        for name in names:  # refuse lost chunk files before the first batch
+            self.require_chunks(name)
         for start in range(0, self.n_rows, batch_rows):
             stop = min(start + batch_rows, self.n_rows)
             keep = mask[start:stop]
             if not keep.any():
                 continue
             batch: dict[str, Any] = {"row": np.arange(start, stop)[keep]}
-            for name, arr in arrays.items():
-                data = np.asarray(arr[start:stop])[keep]
+            for name in names:
+                data = self.read_rows(name, start, stop)[keep]
                 cast = dtype if data.dtype.kind == "f" else None
                 batch[name] = self._convert(data, cast, as_torch and data.dtype.kind not in "OUT")
             if as_torch:

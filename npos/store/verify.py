@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from npos.store.chunks import ChunkReadError
+
 #: Float row arrays whose values must be finite on valid rows.
 FINITE_ARRAYS = ("embeddings", "tokens", "knn_distance")
 #: Bytes of one array read in one go while scanning values.
@@ -104,20 +106,14 @@ class _Rows:
 
 
 def _read(store, name: str, start: int, stop: int, problems: list[Problem]):
-    """Rows [start, stop) of ``name``, or None (and a problem per undecodable chunk)."""
-    arr = store._array(name)
+    """Rows [start, stop) of ``name``, or None (and a problem naming the undecodable chunk;
+    lost chunk files are reported by :func:`_lost_files` and read as fill values here)."""
     try:
-        return np.asarray(arr[start:stop])
-    except Exception:  # noqa: BLE001 - any decoding failure is damage; find the chunks
-        first, last = start // store.chunk_rows, (stop - 1) // store.chunk_rows
-        for c in range(first, last + 1):
-            rows = store.chunk_slice(c)
-            try:
-                arr[rows]
-            except Exception as exc:  # noqa: BLE001
-                problems.append(Problem(
-                    f"array {name!r} chunk {c} (rows {rows.start}..{rows.stop - 1}) cannot be "
-                    f"read: {type(exc).__name__}: {exc}", name, (c,)))
+        return store.read_rows(name, start, stop, check_files=False)
+    except ChunkReadError as exc:
+        where = f" (rows {exc.rows.start}..{exc.rows.stop - 1})" if exc.rows else ""
+        problems.append(Problem(f"array {name!r} chunk {exc.chunk}{where} cannot be read: "
+                                f"{exc.cause}", name, (exc.chunk,) if exc.rows else ()))
         return None
 
 

@@ -187,6 +187,13 @@ def test_undecodable_chunk_reported_and_repaired(clean_store, tmp_path, same_sto
     problems = FeatureStore.open(copy).verify()
     assert len(problems) == 1
     assert problems[0].startswith("array 'embeddings' chunk 1 (rows 8..15) cannot be read: ")
+    store = FeatureStore.open(copy)
+    for read in (store.read, lambda: list(store.iter_batches(3))):
+        with pytest.raises(StoreError, match=r"is damaged: array 'embeddings' chunk 1 \(rows "
+                                             r"8\.\.15\) cannot be read \(.*\); re-run 'npos "
+                                             r"extract") as err:
+            read()
+        assert "\n" not in str(err.value)
     rerun = FeatureExtractor(**PARAMS, **tiny).run(root, copy)
     assert rerun.stats_.repaired == [1]
     same_store(FeatureStore.open(copy), FeatureStore.open(url))
