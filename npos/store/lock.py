@@ -132,14 +132,22 @@ class WriterLock:
     def _create(self, info: dict[str, Any]) -> bool:
         """Write the lock file atomically (complete or absent); False if one exists."""
         tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(info), encoding="utf-8")
         try:
-            os.link(tmp, self.path)  # fails when the lock exists: one creator wins
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(info), encoding="utf-8")
+            try:
+                os.link(tmp, self.path)  # fails when the lock exists: one creator wins
+            except FileExistsError:
+                return False
             return True
-        except FileExistsError:
-            return False
+        except OSError as exc:  # read-only, full, no permission: name the user's path
+            raise LockError(f"cannot write {self.what} {self.target!r}: {exc.strerror or exc} "
+                            f"(while creating its lock file {str(self.path)!r})") from None
         finally:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
 
     def acquire(self) -> WriterLock:
         """Take the lock, or raise :class:`~npos.errors.LockError` naming its holder."""
@@ -152,7 +160,6 @@ class WriterLock:
                 _HELD[key][0] += 1
                 self.held = True
                 return self
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             info = self._info()
             for _ in range(3):
                 if self._create(info):
@@ -197,7 +204,7 @@ class WriterLock:
             if entry[0] > 0:
                 return
             del _HELD[key]
-            if _read(self.path) == entry[1]:  # never remove a lock taken over by another
+            if _owned(self.path, entry[1]):  # never remove a lock taken over by another
                 self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> WriterLock:
@@ -207,9 +214,14 @@ class WriterLock:
         self.release()
 
 
+def _owned(path: Path, info: dict[str, Any]) -> bool:
+    # A forked child inherits _HELD but never owns its parent's locks.
+    return info.get("pid") == os.getpid() and _read(path) == info
+
+
 def _release_all() -> None:
     for key, (_, info) in list(_HELD.items()):
-        if _read(Path(key)) == info:
+        if _owned(Path(key), info):
             Path(key).unlink(missing_ok=True)
     _HELD.clear()
 

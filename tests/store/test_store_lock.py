@@ -123,3 +123,10 @@ def test_overwrite_removes_the_old_store_entirely(tmp_path):
                             "embeddings/c/0/0", "embeddings/c/1/0", "labels/c/0",
                             "labels/c/1", "ids/c/0", "ids/c/1", "done/c/0", "done/c/1"])
     assert FeatureStore.open(str(url)).verify() == []
+
+
+def test_unwritable_folder_is_one_line_naming_the_target(tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(LockError, match=r"cannot write store '.*file/s\.zarr': .* \(while "
+                                        r"creating its lock file '.*file/\.s\.zarr\.lock'\)$"):
+        _create(tmp_path / "file" / "s.zarr")
