@@ -146,7 +146,7 @@ class ChunkFiles:
         arr = self._array(name)
         try:
             return np.asarray(arr[start:stop] if start is not None else arr[...])
-        except Exception as exc:  # noqa: BLE001 - any decoding failure is damage
+        except Exception as exc:  # any decoding failure is damage
             chunk, rows, cause = self._undecodable(name, start, stop, exc)
             where = f"chunk {chunk}" + (f" (rows {rows.start}..{rows.stop - 1})" if rows else "")
             raise ChunkReadError(
