@@ -170,3 +170,19 @@ def test_store_import_rerun_repairs(tmp_path, rng):
         np.testing.assert_array_equal(repaired.read(name), clean.read(name))
     result = run(tmp_path / "s.zarr")
     assert result.exit_code == 2 and "already exists" in result.output  # healthy: refused
+
+
+def test_every_stage_refuses_an_outliers_store_as_features(outliers, tmp_path):
+    """train-head, finetune, evaluate and score state the kinds they take, in one line."""
+    o = outliers.url
+    cases = {
+        "train-head": ["train-head", o, "--out", str(tmp_path / "h")],
+        "finetune": ["finetune", o, "--model", "npos-tiny", "--out", str(tmp_path / "f")],
+        "evaluate": ["evaluate", "--id", o, "--ood", f"x={o}", "--out", str(tmp_path / "r")],
+    }
+    for what, args in cases.items():
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, (what, result.output)
+        assert result.output.strip().splitlines()[-1].endswith(
+            f"is an outliers store; {what} takes a features store"), (what, result.output)
+        assert not (tmp_path / "h").exists() and not (tmp_path / "r").exists()
