@@ -58,7 +58,7 @@ FULL = {
     "synthesis-in100": dict(classes=100, queue=1000, dim=512, k=400, select=300, pick=3,
                             candidates=1500, keep=2, repeat=2),
     "synthesis-in1k": dict(classes=1000, queue=1000, dim=512, k=400, select=300, pick=1,
-                           candidates=1500, keep=2, repeat=1),
+                           candidates=1500, keep=2, repeat=2, loop_classes=100),
     "ivf-vs-flat": dict(bank=1_000_000, dim=512, queries=5000, clusters=1000, k=50,
                         nlist=1024),
     "train-head": dict(classes=100, rows_per_class=1260, dim=512, batch_size=256, steps=10,
@@ -75,7 +75,7 @@ QUICK = {
     "synthesis-in100": dict(classes=4, queue=120, dim=32, k=20, select=40, pick=3,
                             candidates=60, keep=2, repeat=1),
     "synthesis-in1k": dict(classes=8, queue=120, dim=32, k=20, select=40, pick=1,
-                           candidates=60, keep=2, repeat=1),
+                           candidates=60, keep=2, repeat=1, loop_classes=4),
     "ivf-vs-flat": dict(bank=4000, dim=32, queries=100, clusters=20, k=10, nlist=32),
     "train-head": dict(classes=4, rows_per_class=120, dim=32, batch_size=64, steps=2,
                        queue=60, synthesis=dict(k=10, select=20, pick=2, candidates=40,
@@ -190,13 +190,14 @@ def check_extraction(ctx) -> dict:
 def _synthesis(shape_name):
     def run(ctx) -> dict:
         shape = dict(ctx["sizes"][shape_name])
-        repeat = shape.pop("repeat")
+        repeat, loop_classes = shape.pop("repeat"), shape.pop("loop_classes", None)
         device = ctx["device"]
         if importlib.util.find_spec("faiss") is None:
             loop = None
         else:
             loop = "faiss-gpu" if device.type == "cuda" and faiss_gpus() > 0 else "faiss-cpu"
-        r = _load("synthesis").measure_shape(shape, device, repeat=repeat, loop=loop)
+        r = _load("synthesis").measure_shape(shape, device, repeat=repeat, loop=loop,
+                                             loop_classes=loop_classes)
         ratios = [ratio("engine / bare bmm floor", r["engine_over_floor"], "floor (same run)",
                         "<= 2", r["engine_over_floor"] <= 2)]
         if loop is None:
@@ -204,7 +205,9 @@ def _synthesis(shape_name):
         else:
             gpu_loop = loop == "faiss-gpu"
             goal = ">= 20 (stretch 50)" if gpu_loop and device.type == "cuda" else None
-            ratios.append(ratio(f"{loop} per-class loop / engine", r["loop_over_engine"],
+            scaled = (f" (timed on {r['loop_classes']} classes, scaled)"
+                      if r.get("loop_extrapolated") else "")
+            ratios.append(ratio(f"{loop} per-class loop{scaled} / engine", r["loop_over_engine"],
                                 f"{loop} loop (same run)", goal,
                                 r["loop_over_engine"] >= 20 if goal else None))
             if device.type == "cuda" and not gpu_loop:

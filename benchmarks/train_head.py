@@ -52,9 +52,10 @@ MODES = {
 
 def time_mode(z, y, text, config: HeadConfig, steps: int, device: torch.device) -> dict:
     torch.manual_seed(0)
-    model = HeadModel(text, head=config.head).to(device)
-    if config.head == "rbf":
+    model = HeadModel(text, head=config.head)
+    if config.head == "rbf":  # on the CPU, as build_head does, then to the device
         model.head.init_from_data(z, y, generator=torch.Generator().manual_seed(0))
+    model.to(device)
     means = F.normalize(torch.zeros_like(text).index_add_(0, y, F.normalize(z, dim=1)), dim=1)
     objective = HeadObjective(model, config, cider_prototypes=means, device=device, profile=True)
     optimizer = torch.optim.AdamW(objective.parameter_groups(config.lr))

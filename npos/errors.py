@@ -42,3 +42,7 @@ class MissingDependencyError(NposError, ImportError):
 class ConfigFileError(NposError):
     """A ``--config`` file is missing, is not valid TOML, or names an unknown command, an
     unknown option or a value of the wrong type."""
+
+
+class LockError(NposError):
+    """Another process is writing the same store or output (its lock file names it)."""

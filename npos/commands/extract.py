@@ -7,6 +7,10 @@ import click
 from npos.commands._common import device_option
 from npos.store import DEFAULT_CHUNK_ROWS
 
+#: Default of --max-failed (npos.extract.extraction.DEFAULT_MAX_FAILED; not imported from
+#: there so that 'npos --help' does not import torch).
+DEFAULT_MAX_FAILED = 0.05
+
 
 @click.command("extract")
 @click.argument("data", type=click.Path())
@@ -46,6 +50,11 @@ from npos.store import DEFAULT_CHUNK_ROWS
               show_default=True,
               help="skip: record unreadable images in the store and go on; fail: stop at the "
                    "first one.")
+@click.option("--max-failed", type=click.FloatRange(0, 1), default=DEFAULT_MAX_FAILED,
+              show_default=True,
+              metavar="FRACTION",
+              help="Largest share of images that may fail to read. Above it (or when every "
+                   "image failed) the command exits 2 after the run; the store is kept.")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=DEFAULT_CHUNK_ROWS,
               show_default=True, help="Rows per chunk: the unit of writing, resuming and "
                                       "sharding across processes.")
@@ -53,13 +62,14 @@ from npos.store import DEFAULT_CHUNK_ROWS
               help="Seed of random-init weights (--pretrained none, npos-tiny).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming.")
 def command(data, out, model, pretrained, batch_size, workers, device, dtype, tokens_layer,
-            classes, class_names, templates, unlabeled, on_error, chunk_rows, seed,
+            classes, class_names, templates, unlabeled, on_error, max_failed, chunk_rows, seed,
             overwrite) -> None:
     """Encode the images of DATA into a feature store.
 
     DATA is an image folder (one sub-folder per class; no sub-folders = unlabeled) or a
     .txt/.csv file list (path and optional label per line). Runs under torchrun too: every
-    rank takes its share of the chunks.
+    rank takes its share of the chunks. Re-running the same command resumes an interrupted
+    run and repairs a damaged store (chunks that lost a file are encoded again).
     """
     from npos.extract import FeatureExtractor
 
@@ -67,10 +77,14 @@ def command(data, out, model, pretrained, batch_size, workers, device, dtype, to
         model=model, pretrained=pretrained, batch_size=batch_size, workers=workers,
         device=device, dtype=dtype, tokens_layer=tokens_layer, classes=classes,
         class_names=class_names, templates=templates, unlabeled=unlabeled, on_error=on_error,
-        chunk_rows=chunk_rows, seed=seed, overwrite=overwrite).run(data, out)
+        max_failed=max_failed, chunk_rows=chunk_rows, seed=seed, overwrite=overwrite).run(data, out)
     stats, store = extractor.stats_, extractor.store_
     run = (f"{stats.rows} rows encoded ({stats.failed} failed) in {stats.seconds:.1f} s, "
            f"{stats.images_per_second:.1f} images/s" if stats.rows else "nothing left to encode")
+    if stats.repaired:
+        shown = ", ".join(map(str, stats.repaired[:10])) + (" ..." if len(stats.repaired) > 10
+                                                             else "")
+        run += f"; repaired {len(stats.repaired)} damaged chunk(s): {shown}"
     if stats.world_size > 1:
         run = f"rank {stats.rank}/{stats.world_size}: {run}"
     if stats.rank != 0:

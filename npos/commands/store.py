@@ -1,4 +1,8 @@
-"""`npos store`: inspect, verify and import feature stores."""
+"""`npos store`: inspect, verify and import feature stores.
+
+``info`` and ``verify`` take a store of any kind (features, outliers, scores); ``import``
+writes a features store.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +22,23 @@ def command() -> None:
 @command.command("info")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def info(store: str, as_json: bool) -> None:
+@click.option("--failed", "list_failed", is_flag=True,
+              help="List the inputs that failed (id and reason) instead of the summary.")
+def info(store: str, as_json: bool, list_failed: bool) -> None:
     """Summarize STORE: rows, dim, dtype, kind, model, classes, chunks done."""
     from npos.store import FeatureStore
 
-    summary = FeatureStore.open(store).info()
+    fs = FeatureStore.open(store)
+    if list_failed:
+        failed = fs.failed_rows()
+        if as_json:
+            click.echo(json.dumps(failed, indent=2))
+            return
+        for row in failed:
+            click.echo(f"{row['id']}\t{row['reason']}")
+        click.echo(f"{store}: {len(failed)} of {fs.n_rows} rows failed", err=True)
+        return
+    summary = fs.info()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -37,9 +53,11 @@ def info(store: str, as_json: bool) -> None:
 @click.option("--no-values", is_flag=True,
               help="Skip the NaN/Inf scan of the embeddings (structure and chunks only).")
 def verify(store: str, no_values: bool) -> None:
-    """Check STORE. Exit 0 when every chunk is done and every value finite, else 1.
+    """Check every array of STORE. Exit 0 when it is healthy, else 1.
 
-    Prints one line per problem: missing chunks, NaN/Inf rows, bad schema or shapes.
+    Prints one line per problem, naming the array, chunks and rows: chunks not done, chunk
+    files lost, NaN/Inf embeddings or tokens, labels outside the class list, empty or
+    duplicate ids, 'valid' and 'error' that disagree, bad shapes.
     """
     from npos.store import FeatureStore
 
@@ -48,8 +66,12 @@ def verify(store: str, no_values: bool) -> None:
     if problems:
         for line in problems:
             click.echo(f"problem: {line}")
-        click.echo(f"{store}: {len(problems)} problem(s) found", err=True)
+        click.echo(f"{store}: {len(problems)} problem(s) found; to repair: "
+                   f"{fs.repair_hint().split(';')[0]}", err=True)
         sys.exit(EXIT_CHECK_FAILED)
+    if not fs.checks_chunk_files:
+        click.echo(f"note: {store} was written by an older npos that did not store every "
+                   "chunk: lost chunk files cannot be told apart from fill values", err=True)
     click.echo(f"{store}: ok ({fs.n_rows} rows, {fs.n_chunks}/{fs.n_chunks} chunks done)")
 
 
@@ -70,7 +92,10 @@ def verify(store: str, no_values: bool) -> None:
               show_default=True, help="Storage dtype of the embeddings.")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Rows per chunk.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing store at --out. Without it, re-running an "
+                   "interrupted import continues it, and re-running on a damaged store "
+                   "repairs it.")
 def import_(embeddings, labels, ids, class_names, text_embeddings, model, out, dtype,
             chunk_rows, overwrite) -> None:
     """Import embeddings computed elsewhere into a new store."""

@@ -26,14 +26,14 @@ def command(features, out, seed, device, stats_only, overwrite, **options) -> No
     farther out than their source point.
     """
     from npos.store import FeatureStore
-    from npos.synthesize.offline import check_output, synthesize_store, write_outliers
+    from npos.synthesize.offline import KINDS, check_output, synthesize_store, write_outliers
 
     config = synthesis_config_from_options(options)
     if not stats_only:
         if not out:
             raise click.UsageError("--out is required (or pass --stats-only)")
         check_output(out, overwrite=overwrite)
-    source = FeatureStore.open(features)
+    source = FeatureStore.open(features, kinds=KINDS, what="synthesize")
     offline = synthesize_store(source, config, queue=options["queue"], seed=seed, device=device)
     for line in offline.format_summary():
         click.echo(line)

@@ -164,7 +164,7 @@ def score_store(
     # a zarr output is written by every rank, so every rank checks it.
     if fmt == "zarr" or dist.shard.is_main:
         _check_out(out, fmt, overwrite)
-    fs = open_store(store)
+    fs = open_store(store, kinds=("features", "outliers"), what="score")
     with dist:
         setup = build_scorer({"store": fs}, config, head=head, train=train, device=dist.device)
         names = list(setup.scorer.scores)

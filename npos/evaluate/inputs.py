@@ -22,9 +22,13 @@ from npos.settings import settings_record
 from npos.store import FeatureStore
 
 
-def open_store(store: str | os.PathLike | FeatureStore) -> FeatureStore:
+def open_store(store: str | os.PathLike | FeatureStore, *,
+               kinds: tuple[str, ...] = ("features",), what: str = "evaluate") -> FeatureStore:
     """A :class:`FeatureStore` from a path/URL (opened read-only) or as given."""
-    return store if isinstance(store, FeatureStore) else FeatureStore.open(str(store))
+    if not isinstance(store, FeatureStore):
+        return FeatureStore.open(str(store), kinds=kinds, what=what)
+    store.check_kind(kinds, what=what)
+    return store
 
 
 def check_same_encoder(reference: FeatureStore, others: Mapping[str, FeatureStore]) -> None:

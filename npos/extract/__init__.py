@@ -14,7 +14,8 @@ from npos.encoder import (DEFAULT_SEED, TINY_MODEL, Weights, WeightsUnavailableE
 from npos.extract.datasets import (IMAGE_EXTENSIONS, DataError, ImageDataset, ImageDecodeError,
                                    ImageSource, decode_image, load_image_source,
                                    read_class_names, read_classes_file, readable_class_names)
-from npos.extract.extraction import ExtractionStats, FeatureExtractor, extract_features
+from npos.extract.extraction import (ExtractionStats, FeatureExtractor, TooManyFailedError,
+                                     extract_features)
 from npos.extract.text import DEFAULT_TEMPLATES, load_templates, text_embeddings
 
 __all__ = [
@@ -24,5 +25,5 @@ __all__ = [
     "encode_image_tokens", "encode_tokens_tail", "extract_features", "image_preprocess_config",
     "image_transform", "load_encoder", "load_image_source", "load_templates",
     "read_class_names", "read_classes_file", "readable_class_names", "register_model_configs",
-    "resolve_device", "resolve_weights", "text_embeddings",
+    "resolve_device", "resolve_weights", "text_embeddings", "TooManyFailedError",
 ]

@@ -16,10 +16,16 @@ writes the text embeddings and broadcasts the list of missing chunks; rank ``r``
 missing chunks ``r, r+W, r+2W, ...`` of that list. After a final barrier rank 0 writes the
 ``failed`` and ``settings`` (every parameter that decides the values, resolved) attributes.
 
+A re-run also repairs: rank 0 first clears the ``done`` flag of every chunk that lost a file
+in any array or holds bad values (:meth:`FeatureStore.damaged_chunks`), so those chunks are
+encoded again and the store ends identical to an uninterrupted run.
+
 Failed images (see :func:`npos.extract.datasets.decode_image`) keep their row: ``valid`` is
 False, ``embeddings`` (and ``tokens``) are NaN, and ``error`` holds the reason. The ``failed``
 attribute lists them as ``[{"id": ..., "reason": ...}]``. With ``on_error="fail"`` the first
-failure stops the run instead (chunks already written stay done).
+failure stops the run instead (chunks already written stay done). After the run, a store in
+which every row failed, or more than ``max_failed`` of the rows, raises
+:class:`TooManyFailedError` (the store is kept).
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ import os
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,9 +54,12 @@ from npos.extract.text import DEFAULT_TEMPLATES, load_templates, text_embeddings
 from npos.log import third_party_logs
 from npos.settings import settings_record
 from npos.store import DEFAULT_CHUNK_ROWS, FeatureStore, store_exists
-from npos.validation import check_choice, check_int
+from npos.validation import check_choice, check_float, check_int
 
 ON_ERROR = ("skip", "fail")
+#: Default of ``npos extract --max-failed``: the share of rows that may fail before a run is
+#: an error (the Python API sets no limit by default but still refuses an all-failed store).
+DEFAULT_MAX_FAILED = 0.05
 DTYPES = ("float16", "float32")
 #: Upper bound on the bytes of one zarr chunk of ``tokens`` (its row chunk divides chunk_rows).
 TOKEN_CHUNK_BYTES = 64 << 20
@@ -77,6 +87,8 @@ class ExtractionStats:
     rank, world_size : int
     store_failed : int or None
         Failed rows in the whole store (rank 0, after every rank finished).
+    repaired : list of int
+        Done chunks found damaged and encoded again (rank 0).
     """
 
     rows: int = 0
@@ -87,10 +99,40 @@ class ExtractionStats:
     rank: int = 0
     world_size: int = 1
     store_failed: int | None = None
+    repaired: list[int] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+class TooManyFailedError(NposError):
+    """Every row failed, or more than ``max_failed`` of them; the store is kept."""
+
+
+def tally_reasons(failed: Sequence[dict[str, str]]) -> str:
+    """``"7 not an image, 5 truncated image"``: failure reasons by kind, most common first
+    (the kind is the reason without its details in parentheses)."""
+    counts = Counter(str(f.get("reason", "")).split(" (")[0] for f in failed)
+    return ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
+
+
+def check_failed(store: FeatureStore, failed: Sequence[dict[str, str]],
+                 max_failed: float | None) -> None:
+    """Raise :class:`TooManyFailedError` when every row of ``store`` failed, or more than
+    ``max_failed`` (a fraction; None: no limit) of them."""
+    n, k = store.n_rows, len(failed)
+    if k == 0 or (k < n and (max_failed is None or k <= max_failed * n)):
+        return
+    if k == n:
+        head = f"all {n} images failed: {tally_reasons(failed)}"
+    else:
+        head = (f"{k} of {n} images failed ({k / n:.1%}, more than --max-failed "
+                f"{max_failed:g}): {tally_reasons(failed)}")
+    raise TooManyFailedError(
+        f"{head}; the store {store.url!r} is kept (list them with 'npos store info "
+        f"{store.url} --failed'; fix the files and re-run with --overwrite, or accept them "
+        "with a larger --max-failed)")
 
 
 # ---------------------------------------------------------------------------- processes
@@ -260,15 +302,6 @@ def _token_chunk_rows(chunk_rows: int, row_bytes: int) -> int:
     return max(d for d in range(1, min(chunk_rows, limit) + 1) if chunk_rows % d == 0)
 
 
-def _failed_rows(store: FeatureStore) -> list[dict[str, str]]:
-    rows = np.flatnonzero(~np.asarray(store.array("valid")[:], dtype=bool))
-    if rows.size == 0:
-        return []
-    ids = store.array("ids").oindex[rows]
-    reasons = store.array("error").oindex[rows]
-    return [{"id": str(i), "reason": str(r)} for i, r in zip(ids, reasons)]
-
-
 class FeatureExtractor:
     """Encode an image folder or file list into a feature store. Parameters are validated by
     :meth:`run` before anything is read or written.
@@ -300,6 +333,10 @@ class FeatureExtractor:
     unlabeled : bool
         Treat the input as unlabeled (labels -1, no text embeddings).
     on_error : {"skip", "fail"}
+    max_failed : float or None
+        Largest share of failed rows (0..1) accepted (None: no limit; the CLI's default is
+        :data:`DEFAULT_MAX_FAILED`). Above it, or whenever every row failed, :meth:`run`
+        raises :class:`TooManyFailedError` after writing the store.
     chunk_rows : int
         Rows per store chunk: the unit of writing, resuming and sharding.
     seed : int
@@ -321,6 +358,7 @@ class FeatureExtractor:
                  workers: int | None = None, device: str = "auto", dtype: str = "float16",
                  tokens_layer: int | None = None, classes=None, class_names=None,
                  templates=None, unlabeled: bool = False, on_error: str = "skip",
+                 max_failed: float | None = None,
                  chunk_rows: int = DEFAULT_CHUNK_ROWS, seed: int = DEFAULT_SEED,
                  overwrite: bool = False, progress: bool | None = None) -> None:
         self.model = model
@@ -335,6 +373,7 @@ class FeatureExtractor:
         self.templates = templates
         self.unlabeled = unlabeled
         self.on_error = on_error
+        self.max_failed = max_failed
         self.chunk_rows = chunk_rows
         self.seed = seed
         self.overwrite = overwrite
@@ -348,6 +387,7 @@ class FeatureExtractor:
             check_int(name, getattr(self, name), 0, allow_none=True, owner="extract")
         check_choice("dtype", self.dtype, DTYPES, owner="extract")
         check_choice("on_error", self.on_error, ON_ERROR, owner="extract")
+        check_float("max_failed", self.max_failed, 0.0, 1.0, allow_none=True, owner="extract")
 
     def _resolve_texts(self, source: ImageSource) -> tuple[list[str] | None, list[str] | None]:
         """Readable class names and prompt templates (both None for unlabeled input)."""
@@ -370,8 +410,13 @@ class FeatureExtractor:
         """Encode ``data`` (image folder or file list) into the store ``out``.
 
         Resumes an unfinished store made by the same command (same model, weights, seed,
-        preprocessing, files, labels, dtype, chunking and token layer); refuses any other
-        existing store unless ``overwrite``.
+        preprocessing, files, labels, dtype, chunking and token layer), re-encoding damaged
+        chunks too; refuses any other existing store unless ``overwrite``.
+
+        Raises
+        ------
+        TooManyFailedError
+            After the run (rank 0), when every row failed or more than ``max_failed``.
         """
         self._validate_params()
         procs = _Processes(resolve_device(self.device))
@@ -407,10 +452,13 @@ class FeatureExtractor:
 
         # Rank 0 validates and prepares the store; the others learn the outcome from it.
         setup: dict[str, Any]
+        repaired: list[int] = []
         if procs.rank == 0:
             try:
                 store = self._prepare_store(out, source, names, templates, dim, token_shape,
                                             attrs, clip)
+                repaired = store.damaged_chunks()
+                store.mark_undone(repaired)  # the normal resume path encodes them again
                 setup = {"missing": store.missing_chunks()}
             except BaseException as exc:
                 procs.broadcast({"error": f"{type(exc).__name__} on rank 0: {exc}"})
@@ -424,16 +472,24 @@ class FeatureExtractor:
             _check_same_run(store, attrs, source)
 
         mine = setup["missing"][procs.rank::procs.world_size]
-        stats = ExtractionStats(rank=procs.rank, world_size=procs.world_size)
-        if mine:
-            self._encode(store, source, clip, preprocess, dim, token_shape, mine, procs, stats)
-        procs.barrier()
-        if procs.rank == 0:
-            failed = _failed_rows(store)
-            store.update_attrs(failed=failed, settings=self._settings(data, weights, procs))
-            stats.store_failed = len(failed)
+        stats = ExtractionStats(rank=procs.rank, world_size=procs.world_size,
+                                repaired=repaired)
+        try:
+            if mine:
+                self._encode(store, source, clip, preprocess, dim, token_shape, mine, procs,
+                             stats)
+            procs.barrier()
+            if procs.rank == 0:
+                failed = store.failed_rows(recompute=True)
+                store.update_attrs(failed=failed,
+                                   settings=self._settings(data, weights, procs))
+                stats.store_failed = len(failed)
+        finally:
+            store.close()  # the lock goes as soon as nothing more is written
         self.store_ = store
         self.stats_ = stats
+        if procs.rank == 0:
+            check_failed(store, failed, self.max_failed)
 
     def _settings(self, data, weights, procs: _Processes) -> dict[str, Any]:
         # The store's `settings` attribute: every parameter that decides its values, resolved
@@ -451,7 +507,7 @@ class FeatureExtractor:
     def _prepare_store(self, out, source, names, templates, dim, token_shape, attrs,
                        clip) -> FeatureStore:
         if store_exists(out) and not self.overwrite:
-            existing = FeatureStore.open(out)
+            existing = FeatureStore.open(out, kinds=("features",), what="extract (resuming)")
             # FeatureStore.create compares the identity attributes; these also decide values.
             for key in ("seed", "templates"):
                 if existing.attrs.get(key) != attrs[key]:
@@ -467,7 +523,8 @@ class FeatureExtractor:
         if token_shape is not None:
             row_bytes = 2 * math.prod(token_shape)
             store.add_array("tokens", token_shape, "float16",
-                            chunk_rows=_token_chunk_rows(self.chunk_rows, row_bytes))
+                            chunk_rows=_token_chunk_rows(self.chunk_rows, row_bytes),
+                            dimension_names=("token", "width"))
         if names is not None and not _text_embeddings_ok(store, len(names), dim):
             text = text_embeddings(clip, _tokenizer(self.model), names, templates)
             store.set_array("text_embeddings", _checked_text_embeddings(text))
@@ -585,7 +642,7 @@ def _tokenizer(model: str):
 
 def _text_embeddings_ok(store: FeatureStore, n_classes: int, dim: int) -> bool:
     # A run killed while writing them leaves fill values (zeros) behind: recompute then.
-    if not store.has("text_embeddings"):
+    if not store.has("text_embeddings") or store.lost_chunks("text_embeddings"):
         return False
     text = store.read_extra("text_embeddings", dtype="float32")
     return text.shape == (n_classes, dim) and np.allclose(np.linalg.norm(text, axis=1), 1.0,

@@ -57,7 +57,7 @@ STATE_FORMAT = "npos.finetune-state/1"
 
 # ---------------------------------------------------------------------- inputs
 def _open_token_store(url: str, what: str) -> tuple[FeatureStore, TokenSpec]:
-    store = FeatureStore.open(url)
+    store = FeatureStore.open(url, kinds=("features",), what="finetune")
     spec = token_spec(store, what=what)
     store.readable_rows(complete=True)
     return store, spec

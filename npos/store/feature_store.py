@@ -17,7 +17,11 @@ array                     shape        dtype      notes
 Write protocol: a chunk's rows are written to every row-aligned array, *then* its ``done``
 flag. Readers trust only done chunks, so a killed writer never leaves trusted garbage, and
 writers on different processes touch disjoint chunks (``done`` has one zarr chunk per store
-chunk, so flags never share a file).
+chunk, so flags never share a file). Every chunk gets a file, even one equal to the fill value
+(:mod:`npos.store.chunks`), so readers refuse a done chunk whose file is lost in an array they
+read. One writer process at a time: writing takes the store's lock (:mod:`npos.store.lock`).
+Every array carries Zarr v3 ``dimension_names`` (``row``, ``dim``, ``class``, ``token``,
+``width``, ``chunk``), so ``xarray.open_zarr`` opens any store.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import zarr
@@ -34,6 +39,8 @@ import zarr
 from npos import __version__
 from npos.errors import (IncompatibleStoreError, ParameterError, StoreError, StoreExistsError,
                          StoreNotFoundError)
+from npos.store.chunks import MARKER, WRITE_CONFIG, ChunkFiles
+from npos.store.lock import WriterLock
 
 SCHEMA = "npos.features/1"
 KINDS = ("features", "outliers", "scores")
@@ -45,21 +52,32 @@ IDENTITY_KEYS = ("model", "pretrained", "seed", "preprocess", "dim")
 #: Row-aligned arrays every store has.
 CORE_ARRAYS = ("embeddings", "labels", "ids", "done")
 DEFAULT_CHUNK_ROWS = 4096
+#: Zarr v3 dimension names of the arrays with fixed meanings; other row-aligned arrays get
+#: ``("row", "<name>_1", ...)`` and other whole arrays ``("<name>_0", ...)``.
+DIMENSION_NAMES = {"embeddings": ("row", "dim"), "labels": ("row",), "ids": ("row",),
+                   "done": ("chunk",), "valid": ("row",), "error": ("row",),
+                   "knn_distance": ("row",), "tokens": ("row", "token", "width"),
+                   "text_embeddings": ("class", "dim")}
 
 
-def _open_group(url: str, mode: Literal["r", "r+", "w"]) -> zarr.Group:
+def _dimension_names(name: str, ndim: int, *, rows: bool) -> tuple[str, ...]:
+    known = DIMENSION_NAMES.get(name)
+    if known is not None and len(known) == ndim:
+        return known
+    if rows:
+        return ("row", *(f"{name}_{i}" for i in range(1, ndim)))
+    return tuple(f"{name}_{i}" for i in range(ndim))
+
+
+def _kind_phrase(kinds: Sequence[str]) -> str:
+    return " or ".join(f"{'an' if k[0] in 'aeiou' else 'a'} {k} store" for k in kinds)
+
+
+def _open_group(url: str, mode: str) -> zarr.Group:
     try:
         return zarr.open_group(str(url), mode=mode)
     except FileNotFoundError:  # zarr's GroupNotFoundError derives from it too
         raise StoreNotFoundError(f"no feature store at {str(url)!r}") from None
-
-
-def _group_array(group: zarr.Group, name: str, url: str) -> zarr.Array:
-    """``group[name]``, which must be an array (zarr types it as array or subgroup)."""
-    node = group[name]
-    if not isinstance(node, zarr.Array):
-        raise StoreError(f"store {url!r}: {name!r} is a group, not an array")
-    return node
 
 
 def store_exists(url: str) -> bool:
@@ -106,7 +124,7 @@ def _describe_mismatch(key: str, stored: Any, wanted: Any) -> str:
     return f"it was made with {key}={stored!r} but this run uses {key}={wanted!r}"
 
 
-class FeatureStore:
+class FeatureStore(ChunkFiles):
     """A Zarr v3 feature store. Create with :meth:`create`, open with :meth:`open`.
 
     Parameters are never passed to the constructor directly; it wraps an open group.
@@ -117,7 +135,8 @@ class FeatureStore:
         Where the store lives (local path or fsspec URL such as ``memory://x``, ``s3://b/k``).
     """
 
-    def __init__(self, group: zarr.Group, url: str, *, writable: bool) -> None:
+    def __init__(self, group: zarr.Group, url: str, *, writable: bool,
+                 lock: WriterLock | None = None) -> None:
         self._group = group
         self.url = str(url)
         self.writable = writable
@@ -127,6 +146,12 @@ class FeatureStore:
                 f"{self.url!r} is not an npos store (schema={attrs.get('schema')!r}, "
                 f"expected {SCHEMA!r})")
         self._arrays: dict[str, zarr.Array] = {}
+        self._keys: dict[str, set[str]] = {}  # listed chunk keys per array (see chunk_files)
+        self._checked: set[str] = set()  # arrays whose done chunks all have their files
+        self._row_names: list[str] | None = None
+        self._lock = lock
+        if lock is not None:  # released when the store is closed, collected, or at exit
+            weakref.finalize(self, lock.release)
 
     # ------------------------------------------------------------------ creation / opening
     @classmethod
@@ -185,11 +210,24 @@ class FeatureStore:
         class_names = list(class_names) if class_names is not None else None
 
         _refuse_foreign_path(str(url))
+        lock = WriterLock(str(url)).acquire()  # before anything is read, replaced or written
+        try:
+            return cls._create_locked(url, lock, n_rows=n_rows, dim=dim, dtype=dtype,
+                                      chunk_rows=chunk_rows, kind=kind,
+                                      class_names=class_names, attrs=attrs,
+                                      overwrite=overwrite, resume=resume)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _create_locked(cls, url, lock, *, n_rows, dim, dtype, chunk_rows, kind, class_names,
+                       attrs, overwrite, resume) -> FeatureStore:
         if store_exists(url) and not overwrite:
             if not resume:
                 raise StoreExistsError(
                     f"{str(url)!r} already exists; pass --overwrite (overwrite=True) to replace it")
-            store = cls.open(url, mode="r+")
+            store = cls(_open_group(url, "r+"), url, writable=True, lock=lock)
             wanted = {"n_rows": n_rows, "dim": dim, "dtype": dtype, "chunk_rows": chunk_rows,
                       "kind": kind, "class_names": class_names,
                       **{k: attrs.get(k) for k in (*IDENTITY_KEYS, "token_layer", "source")
@@ -202,15 +240,16 @@ class FeatureStore:
                         "pass --overwrite to start over")
             return store
 
-        group = zarr.open_group(str(url), mode="w")
+        group = zarr.open_group(str(url), mode="w")  # mode "w" first removes an old store
         n_chunks = math.ceil(n_rows / chunk_rows)
-        group.create_array("embeddings", shape=(n_rows, dim), chunks=(chunk_rows, dim),
-                           dtype=dtype, fill_value=float("nan"))
-        group.create_array("labels", shape=(n_rows,), chunks=(chunk_rows,), dtype="int32",
-                           fill_value=-1)
-        group.create_array("ids", shape=(n_rows,), chunks=(chunk_rows,), dtype=str)
-        group.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="bool",
-                           fill_value=False)
+        for name, shape, chunks, arr_dtype, fill in (
+                ("embeddings", (n_rows, dim), (chunk_rows, dim), dtype, float("nan")),
+                ("labels", (n_rows,), (chunk_rows,), "int32", -1),
+                ("ids", (n_rows,), (chunk_rows,), str, None),
+                ("done", (n_chunks,), (1,), "bool", False)):
+            group.create_array(name, shape=shape, chunks=chunks, dtype=arr_dtype,
+                               fill_value=fill, dimension_names=DIMENSION_NAMES[name],
+                               config=WRITE_CONFIG)
         group.attrs.update({
             **attrs,
             "schema": SCHEMA,
@@ -222,15 +261,59 @@ class FeatureStore:
             "class_names": class_names,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "npos_version": __version__,
+            MARKER: True,
         })
-        return cls(group, url, writable=True)
+        return cls(group, url, writable=True, lock=lock)
 
     @classmethod
-    def open(cls, url: str, mode: Literal["r", "r+"] = "r") -> FeatureStore:
-        """Open an existing store, read-only (``"r"``) or for writing (``"r+"``)."""
-        if mode != "r" and mode != "r+":  # checked at run time too: callers pass strings
+    def open(cls, url: str, mode: str = "r", *, kinds: Sequence[str] | None = None,
+             what: str | None = None) -> FeatureStore:
+        """Open an existing store, read-only (``"r"``) or for writing (``"r+"``).
+
+        Parameters
+        ----------
+        kinds : sequence of str, optional
+            The kinds the caller takes (e.g. ``("features",)``); another kind is refused
+            with :class:`~npos.errors.StoreError` (see :meth:`check_kind`).
+        what : str, optional
+            Who is opening it, for that message (e.g. ``"synthesize"``).
+
+        Opening for writing takes the store's lock (:class:`~npos.store.lock.WriterLock`):
+        a store another process is writing is refused, naming that process.
+        """
+        if mode not in ("r", "r+"):
             raise ParameterError(f"mode must be 'r' or 'r+'; got {mode!r}")
-        return cls(_open_group(url, mode), url, writable=mode == "r+")
+        group = _open_group(url, mode)
+        lock = WriterLock(str(url)).acquire() if mode == "r+" else None
+        try:
+            store = cls(group, url, writable=mode == "r+", lock=lock)
+            if kinds is not None:
+                store.check_kind(kinds, what=what)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return store
+
+    def check_kind(self, kinds: Sequence[str], *, what: str | None = None) -> None:
+        """Raise :class:`~npos.errors.StoreError` unless this store's ``kind`` is in
+        ``kinds``; the message names what was expected and what was found."""
+        if self.kind not in kinds:
+            who = f"{what} takes" if what else "expected"
+            raise StoreError(f"{self.url!r} is {_kind_phrase([self.kind])}; {who} "
+                             f"{_kind_phrase(kinds)}")
+
+    def close(self) -> None:
+        """Stop writing: release the lock (the store stays readable)."""
+        self.writable = False
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -245,19 +328,19 @@ class FeatureStore:
 
     @property
     def n_rows(self) -> int:
-        return int(self._attr("n_rows"))
+        return int(self._group.attrs["n_rows"])
 
     @property
     def dim(self) -> int:
-        return int(self._attr("dim"))
+        return int(self._group.attrs["dim"])
 
     @property
     def dtype(self) -> str:
-        return str(self._attr("dtype"))
+        return str(self._group.attrs["dtype"])
 
     @property
     def chunk_rows(self) -> int:
-        return int(self._attr("chunk_rows"))
+        return int(self._group.attrs["chunk_rows"])
 
     @property
     def n_chunks(self) -> int:
@@ -265,17 +348,12 @@ class FeatureStore:
 
     @property
     def kind(self) -> str:
-        return str(self._attr("kind"))
+        return str(self._group.attrs["kind"])
 
     @property
     def class_names(self) -> list[str] | None:
-        names = self._attr("class_names", None)
+        names = self._group.attrs.get("class_names")
         return list(names) if names is not None else None
-
-    def _attr(self, key: str, *default: Any) -> Any:
-        # zarr types attribute values as JSON (a union); the schema fixes each key's type.
-        attrs = self._group.attrs
-        return attrs.get(key, *default) if default else attrs[key]
 
     def fingerprint(self) -> dict[str, Any]:
         """The identity attributes (encoder, weights, preprocessing, dim) of this store."""
@@ -304,11 +382,16 @@ class FeatureStore:
         if name not in self._arrays:
             if not self.has(name):
                 raise StoreError(f"store {self.url!r} has no array {name!r}")
-            self._arrays[name] = _group_array(self._group, name, self.url)
+            self._arrays[name] = self._group[name].with_config(WRITE_CONFIG)
         return self._arrays[name]
 
     def array(self, name: str) -> zarr.Array:
-        """The underlying zarr array (for advanced, read-only use)."""
+        """The underlying zarr array (for advanced, read-only use).
+
+        Refuses (:class:`~npos.errors.StoreError`) an array that lost the file of a done
+        chunk: reading it would silently give fill values (see :meth:`require_chunks`).
+        """
+        self.require_chunks(name)
         return self._array(name)
 
     # ------------------------------------------------------------------ chunks
@@ -337,11 +420,14 @@ class FeatureStore:
             raise StoreError(f"store {self.url!r} is open read-only")
 
     def add_array(self, name: str, row_shape: Sequence[int], dtype: str, *,
-                  fill_value: Any = None, chunk_rows: int | None = None) -> zarr.Array:
+                  fill_value: Any = None, chunk_rows: int | None = None,
+                  dimension_names: Sequence[str] | None = None) -> zarr.Array:
         """Create an optional row-aligned array of shape (N, *row_shape); reuse if present.
 
         ``chunk_rows`` must divide the store's ``chunk_rows`` so chunk writes stay aligned
         (useful for large rows such as tokens); by default it equals it.
+        ``dimension_names`` name the dimensions after ``row`` (default: see
+        :data:`DIMENSION_NAMES`). Rows of chunks already done get ``fill_value``.
         """
         self._require_writable()
         chunk_rows = self.chunk_rows if chunk_rows is None else int(chunk_rows)
@@ -351,20 +437,29 @@ class FeatureStore:
                 f"chunk_rows={self.chunk_rows}")
         shape = (self.n_rows, *map(int, row_shape))
         if self.has(name):
-            existing = _group_array(self._group, name, self.url)
+            existing = self._group[name]
             same_dtype = (_is_string(existing.dtype) and _is_string(dtype)) or \
                 (not _is_string(dtype) and existing.dtype == np.dtype(dtype))
             if tuple(existing.shape) != shape or not same_dtype:
                 raise IncompatibleStoreError(
                     f"store {self.url!r} already has {name!r} with shape "
                     f"{tuple(existing.shape)} and dtype {existing.dtype}; wanted {shape} {dtype}")
-            return existing
+            return self._array(name)
         if fill_value is None and np.dtype(dtype).kind == "f":
             fill_value = float("nan")
-        self._arrays[name] = self._group.create_array(
+        dims = (("row", *dimension_names) if dimension_names is not None
+                else _dimension_names(name, len(shape), rows=True))
+        arr = self._group.create_array(
             name, shape=shape, chunks=(chunk_rows, *shape[1:]), dtype=dtype,
-            fill_value=fill_value)
-        return self._arrays[name]
+            fill_value=fill_value, dimension_names=dims, config=WRITE_CONFIG)
+        self._arrays[name] = arr
+        self._row_names = None
+        if self.checks_chunk_files:  # done chunks must have a file in every array
+            for index in np.flatnonzero(self.done_mask()):
+                rows = self.chunk_slice(int(index))
+                arr[rows] = np.full((rows.stop - rows.start, *shape[1:]), arr.fill_value,
+                                    dtype=arr.dtype)
+        return arr
 
     def set_array(self, name: str, data: np.ndarray) -> None:
         """Write a whole non-row array such as ``text_embeddings`` (C, D) in one go."""
@@ -373,15 +468,19 @@ class FeatureStore:
         if self.has(name):
             del self._group[name]
             self._arrays.pop(name, None)
-        arr = self._group.create_array(name, shape=data.shape, dtype=data.dtype,
-                                       chunks=data.shape or "auto")
+        self._keys.pop(name, None)
+        self._checked.discard(name)
+        self._row_names = None
+        arr = self._group.create_array(
+            name, shape=data.shape, dtype=data.dtype, chunks=data.shape or None,
+            dimension_names=_dimension_names(name, data.ndim, rows=False), config=WRITE_CONFIG)
         arr[...] = data
 
     def write_chunk(self, index: int, **arrays: np.ndarray) -> None:
         """Write the rows of chunk ``index`` to the given row-aligned arrays, then mark it done.
 
         Every array passed must have exactly the chunk's number of rows; ``embeddings`` is
-        required. Arrays not passed keep their fill values (labels -1, ids "").
+        required. Row-aligned arrays not passed get their fill values (labels -1, ids "").
         """
         self._require_writable()
         rows = self.chunk_slice(index)
@@ -394,7 +493,24 @@ class FeatureStore:
                 raise ParameterError(
                     f"chunk {index} covers {n} rows but {name!r} has shape {data.shape}")
             self._array(name)[rows] = data
+        if self.checks_chunk_files:  # a file for every array: a lost one is then visible
+            for name in self._row_arrays():
+                if name not in arrays:
+                    arr = self._array(name)
+                    arr[rows] = np.full((n, *arr.shape[1:]), arr.fill_value, dtype=arr.dtype)
         self._array("done")[index] = True
+
+    def _row_arrays(self) -> list[str]:
+        if self._row_names is None:  # listing the group is a round trip: once per change
+            self._row_names = [n for n in self._group.array_keys() if self.is_row_array(n)]
+        return self._row_names
+
+    def mark_undone(self, chunks: Sequence[int]) -> None:
+        """Clear the ``done`` flag of ``chunks`` so the next run writes them again (repair)."""
+        self._require_writable()
+        done = self._array("done")
+        for index in chunks:
+            done[int(index)] = False
 
     def write_all(self, *, progress: bool = False, **arrays: np.ndarray) -> None:
         """Write whole arrays (N rows each) chunk by chunk; convenient for derived stores."""
@@ -419,7 +535,7 @@ class FeatureStore:
                 "(finish the run that writes it, or check it with 'npos store verify')")
         mask = np.repeat(done, self.chunk_rows)[: self.n_rows]
         if self.has("valid"):
-            mask &= np.asarray(self._array("valid")[:], dtype=bool)
+            mask &= self.read_rows("valid").astype(bool)
         return mask
 
     def read(self, name: str = "embeddings", *, complete: bool = True, dtype: str | None = None,
@@ -430,12 +546,12 @@ class FeatureStore:
         when given.
         """
         mask = self.readable_rows(complete=complete)
-        data = np.asarray(self.array(name)[:])[mask]
+        data = self.read_rows(name)[mask]
         return self._convert(data, dtype, as_torch)
 
     def read_extra(self, name: str, *, dtype: str | None = None, as_torch: bool = False):
         """Read a whole non-row array such as ``text_embeddings``."""
-        return self._convert(np.asarray(self.array(name)[...]), dtype, as_torch)
+        return self._convert(self.read_rows(name), dtype, as_torch)
 
     @staticmethod
     def _convert(data: np.ndarray, dtype: str | None, as_torch: bool):
@@ -461,15 +577,16 @@ class FeatureStore:
         if batch_rows < 1:
             raise ParameterError(f"batch_rows must be >= 1; got {batch_rows}")
         mask = self.readable_rows(complete=complete)
-        arrays = {name: self.array(name) for name in names}
+        for name in names:  # refuse lost chunk files before the first batch
+            self.require_chunks(name)
         for start in range(0, self.n_rows, batch_rows):
             stop = min(start + batch_rows, self.n_rows)
             keep = mask[start:stop]
             if not keep.any():
                 continue
             batch: dict[str, Any] = {"row": np.arange(start, stop)[keep]}
-            for name, arr in arrays.items():
-                data = np.asarray(arr[start:stop])[keep]
+            for name in names:
+                data = self.read_rows(name, start, stop)[keep]
                 cast = dtype if data.dtype.kind == "f" else None
                 batch[name] = self._convert(data, cast, as_torch and data.dtype.kind not in "OUT")
             if as_torch:
@@ -479,6 +596,22 @@ class FeatureStore:
             yield batch
 
     # ------------------------------------------------------------------ inspection
+    def failed_rows(self, *, recompute: bool = False) -> list[dict[str, str]]:
+        """Rows (of done chunks) whose input failed, as ``[{"id": ..., "reason": ...}]``: the
+        ``failed`` attribute written at the end of a run, or, with ``recompute`` or without
+        it, read from the ``valid`` and ``error`` arrays."""
+        failed = None if recompute else self.attrs.get("failed")
+        if failed is not None:
+            return [dict(row) for row in failed]
+        if not self.has("valid"):
+            return []
+        rows = np.flatnonzero(~np.asarray(self.array("valid")[:], dtype=bool)
+                              & np.repeat(self.done_mask(), self.chunk_rows)[: self.n_rows])
+        ids = np.asarray(self.array("ids")[:])[rows]
+        reasons = (np.asarray(self.array("error")[:])[rows] if self.has("error")
+                   else [""] * rows.size)
+        return [{"id": str(i), "reason": str(r)} for i, r in zip(ids, reasons)]
+
     def info(self) -> dict[str, Any]:
         """A summary: rows, dim, dtype, kind, model, classes, chunks done."""
         attrs = self.attrs
@@ -502,65 +635,23 @@ class FeatureStore:
 
     def verify(self, *, check_values: bool = True, batch_rows: int = 65536,
                progress: bool = False) -> list[str]:
-        """Check the store; return one human-readable line per problem (empty = healthy).
+        """Check every array; return one human-readable line per problem (empty = healthy).
 
-        Looks for: schema/array/shape inconsistencies, chunks not marked done, and (with
-        ``check_values``) NaN/Inf values in ``embeddings`` of valid rows. A deleted chunk
-        file reads back as NaN (the fill value), so it is reported too.
+        See :func:`npos.store.verify.find_problems` for what is checked.
         """
-        from tqdm.auto import tqdm
+        from npos.store.verify import find_problems
 
-        problems: list[str] = []
-        keys = set(self._group.array_keys())
-        for name in CORE_ARRAYS:
-            if name not in keys:
-                problems.append(f"missing array {name!r}")
-        if problems:
-            return problems
-        emb = self._array("embeddings")
-        if tuple(emb.shape) != (self.n_rows, self.dim):
-            problems.append(f"embeddings has shape {tuple(emb.shape)}, attributes say "
-                            f"({self.n_rows}, {self.dim})")
-        for name in keys - {"done", "text_embeddings"}:
-            arr = self._array(name)
-            if arr.shape[:1] != (self.n_rows,) and name not in ("failed",):
-                problems.append(f"array {name!r} has {arr.shape[0]} rows, expected {self.n_rows}")
-        if self._array("done").shape != (self.n_chunks,):
-            problems.append(f"done has shape {self._array('done').shape}, expected "
-                            f"({self.n_chunks},)")
-            return problems
-        if "text_embeddings" in keys:
-            text_shape = tuple(self._array("text_embeddings").shape)
-            n_text = len(self.class_names or [])
-            if text_shape != (n_text, self.dim):
-                problems.append(f"text_embeddings has shape {text_shape}, expected "
-                                f"({n_text}, {self.dim})")
-        missing = self.missing_chunks()
-        if missing:
-            shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
-            problems.append(f"{len(missing)}/{self.n_chunks} chunks not done: {shown}")
-        if check_values and not problems:
-            valid = (np.asarray(self._array("valid")[:], dtype=bool) if "valid" in keys
-                     else np.ones(self.n_rows, dtype=bool))
-            labels_bad = 0
-            n_classes = len(self.class_names) if self.class_names is not None else None
-            for start in tqdm(range(0, self.n_rows, batch_rows), desc="verifying",
-                              unit="batch", disable=not progress):
-                stop = min(start + batch_rows, self.n_rows)
-                block = np.asarray(emb[start:stop])
-                bad = ~np.isfinite(block).all(axis=1) & valid[start:stop]
-                if bad.any():
-                    rows = np.flatnonzero(bad) + start
-                    chunks = sorted({int(r) // self.chunk_rows for r in rows})
-                    problems.append(
-                        f"{rows.size} rows with NaN/Inf embeddings in rows {start}..{stop - 1} "
-                        f"(first row {rows[0]}, chunks {', '.join(map(str, chunks[:10]))})")
-                if n_classes is not None:
-                    lab = np.asarray(self._array("labels")[start:stop])
-                    labels_bad += int(((lab < -1) | (lab >= n_classes)).sum())
-            if labels_bad:
-                problems.append(f"{labels_bad} labels outside [-1, {n_classes})")
-        return problems
+        return [p.message for p in find_problems(self, check_values=check_values,
+                                                 batch_rows=batch_rows, progress=progress)]
+
+    def damaged_chunks(self, *, check_values: bool = True) -> list[int]:
+        """Done chunks with a lost file or bad values in any array: what a re-run repairs."""
+        from npos.store.verify import find_problems
+
+        chunks: set[int] = set()
+        for problem in find_problems(self, check_values=check_values):
+            chunks.update(problem.chunks)
+        return sorted(chunks)
 
     def __repr__(self) -> str:
         return (f"FeatureStore({self.url!r}, kind={self.kind!r}, rows={self.n_rows}, "

@@ -150,7 +150,8 @@ def import_embeddings(
         store vs head) only when it matches, so name the encoder that produced them.
     dtype, chunk_rows, overwrite
         As in :meth:`FeatureStore.create`. Re-running an interrupted import of the same
-        files continues from the chunks already done.
+        files continues from the chunks already done; re-running it on a damaged store (a
+        chunk file lost, bad values) imports the damaged chunks again.
     """
     source = load_embedding_source(embeddings)
     n_rows, dim = source.n_rows, source.dim
@@ -204,15 +205,21 @@ def import_embeddings(
             raise ParameterError(f"labels go up to {int(label_arr.max())} but there are only "
                                  f"{len(names)} classes")
 
-    if not overwrite and store_exists(out) and FeatureStore.open(out).is_complete:
-        raise StoreExistsError(f"{out!r} already exists; pass --overwrite to replace it")
-    # An unfinished import of the same files resumes; anything else is refused by create().
+    damaged: list[int] = []
+    if not overwrite and store_exists(out):
+        existing = FeatureStore.open(out, kinds=("features",), what="store import")
+        damaged = existing.damaged_chunks()
+        if existing.is_complete and not damaged:
+            raise StoreExistsError(f"{out!r} already exists; pass --overwrite to replace it")
+    # An unfinished or damaged import of the same files resumes (repairs); anything else is
+    # refused by create().
     store = FeatureStore.create(
         out, n_rows=n_rows, dim=dim, dtype=dtype, chunk_rows=chunk_rows, class_names=names,
         attrs={"model": model, "pretrained": None, "preprocess": None, "token_layer": None,
                "source": {"path": str(Path(embeddings).resolve()), "files": len(source.files),
                           "fingerprint": source.fingerprint()}},
         overwrite=overwrite, resume=True)
+    store.mark_undone(damaged)
     if text_arr is not None:
         store.set_array("text_embeddings", text_arr)
 
@@ -232,4 +239,5 @@ def import_embeddings(
         chunk["ids"] = np.asarray(id_list[rows] if id_list is not None
                                   else [str(i) for i in range(rows.start, rows.stop)])
         store.write_chunk(index, **chunk)
+    store.close()
     return store

@@ -22,6 +22,8 @@ from npos.validation import check_int
 #: The source's identity (so fingerprints match) and token layer travel to the outliers store.
 CARRIED_ATTRS = (*IDENTITY_KEYS, "token_layer")
 QUANTILES = (0.1, 0.5, 0.9)
+#: Store kinds synthesis takes as its bank (an outliers store is never training data).
+KINDS = ("features",)
 
 
 @dataclass
@@ -211,12 +213,14 @@ def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queu
         Invalid parameters (checked before reading the store), or no class with at least
         ``queue`` rows.
     StoreError
-        The store has no labelled rows.
+        The store has no labelled rows, is not a features store (synthesis takes
+        :data:`KINDS`), or lost a chunk file.
     """
     check_int("queue", queue, 2)
     config.validate(bank_size=queue)
     if not isinstance(store, FeatureStore):
         store = FeatureStore.open(store)
+    store.check_kind(KINDS, what="synthesize")
     device = resolve_device(device)
     labels = torch.from_numpy(store.read("labels").astype(np.int64))
     if not (labels >= 0).any():
@@ -281,7 +285,8 @@ def write_outliers(offline: OfflineSynthesis, out: str, *, source: FeatureStore,
                                 chunk_rows=min(chunk_rows, m), kind="outliers",
                                 class_names=offline.class_names, attrs=attrs,
                                 overwrite=overwrite)
-    store.add_array("knn_distance", (), "float32")
-    store.write_all(embeddings=res.outliers.float().numpy(), labels=res.labels.numpy(),
-                    knn_distance=res.knn_distance.numpy(), ids=ids)
+    with store:  # the lock goes when the store is written
+        store.add_array("knn_distance", (), "float32")
+        store.write_all(embeddings=res.outliers.float().numpy(), labels=res.labels.numpy(),
+                        knn_distance=res.knn_distance.numpy(), ids=ids)
     return store

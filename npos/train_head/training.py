@@ -102,7 +102,7 @@ def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = N
     out_path = Path(out_dir)
     partial = _partial_dir(out_path)
     _check_outputs(out_path, partial, resume=resume, overwrite=overwrite)
-    store = FeatureStore.open(train_store_url)
+    store = FeatureStore.open(train_store_url, kinds=("features",), what="train-head")
     data = load_labeled(store)
     check_class_counts(data, config, store.url)
     val_data = _load_val(val, store, data)
@@ -156,7 +156,7 @@ def _load_val(val: str | None, store, data: LabeledFeatures) -> LabeledFeatures 
 
     if val is None:
         return None
-    val_store = FeatureStore.open(val)
+    val_store = FeatureStore.open(val, kinds=("features",), what="train-head --val")
     val_store.check_compatible(store.fingerprint(), what=f"training store {store.url!r}")
     val_data = load_labeled(val_store, what="validation store")
     if val_data.class_names != data.class_names:

@@ -193,7 +193,7 @@ def test_cli_extract(messy_folder, tmp_path):
     root, _, bad = messy_folder
     runner = CliRunner()
     args = ["extract", str(root), "--out", str(tmp_path / "s"), "--model", "npos-tiny",
-            "--workers", "1", "--batch-size", "4", "--chunk-rows", "8"]
+            "--workers", "1", "--batch-size", "4", "--chunk-rows", "8", "--max-failed", "0.3"]
     result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
     line = result.output.strip().splitlines()[-1]

@@ -74,11 +74,13 @@ def test_nan_rows_and_deleted_chunk_file_detected(tmp_path, rng, make_store):
     problems = store.verify()
     assert len(problems) == 1 and "2 rows with NaN/Inf" in problems[0]
     assert "first row 70" in problems[0]
-    # A deleted chunk file reads back as the NaN fill value.
+    # A deleted chunk file is found by listing the store (and reads back as NaN).
     (tmp_path / "s.zarr" / "embeddings" / "c" / "0" / "0").unlink()
     problems = FeatureStore.open(str(tmp_path / "s.zarr")).verify()
-    assert len(problems) == 1
-    assert "34 rows with NaN/Inf" in problems[0] and "first row 0, chunks 0, 2" in problems[0]
+    assert len(problems) == 2
+    assert problems[0] == ("array 'embeddings' lost the files of 1 done chunk(s): chunk 0 "
+                           "(rows 0..31)")
+    assert "34 rows with NaN/Inf" in problems[1] and "first row 0, chunks 0, 2" in problems[1]
 
 
 def test_invalid_rows_are_skipped_by_readers_and_verify(tmp_path, rng):
