@@ -12,6 +12,7 @@ The default ensemble is the 18 templates the NPOS reference code uses for ImageN
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,7 +62,7 @@ def validate_templates(templates: Sequence[str]) -> list[str]:
     return templates
 
 
-def load_templates(path: str | Path) -> list[str]:
+def load_templates(path: str | os.PathLike[str]) -> list[str]:
     """Read templates from a text file: one per line; blank lines and ``#`` comments skipped."""
     text = Path(path).read_text(encoding="utf-8")
     lines = [line.strip() for line in text.splitlines()]
