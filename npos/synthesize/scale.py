@@ -39,12 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from npos.errors import ParameterError, StoreError
 from npos.knn.index import KnnIndex
 from npos.knn.ivf import KnnCache
 from npos.synthesize.config import SynthesisConfig
 from npos.synthesize.engine import _finish, _perturb
-from npos.validation import check_int
 
 GLOBAL_KEY = -1
 

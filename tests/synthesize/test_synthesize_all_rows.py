@@ -159,7 +159,8 @@ def test_torchrun_two_processes_equal_one_global(labelled, tmp_path):
                "--nproc_per_node", "2", "-m", "npos", *args, "--out", str(tmp_path / "two.zarr")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    a, b = FeatureStore.open(str(tmp_path / "one.zarr")), FeatureStore.open(str(tmp_path / "two.zarr"))
+    a = FeatureStore.open(str(tmp_path / "one.zarr"))
+    b = FeatureStore.open(str(tmp_path / "two.zarr"))
     for name in ("embeddings", "labels", "knn_distance", "ids"):
         np.testing.assert_array_equal(a.read(name), b.read(name))
     assert a.n_rows == 40

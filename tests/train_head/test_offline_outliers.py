@@ -3,7 +3,6 @@ set, end to end with resume, the one-class detector, and its refusals."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
