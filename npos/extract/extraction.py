@@ -240,7 +240,8 @@ def _check_finite(index: int, arrays: dict[str, np.ndarray]) -> None:
         if name not in arrays:
             continue
         values = arrays[name][arrays["valid"]]
-        finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+        # an explicit row width: numpy cannot infer -1 for a chunk without valid rows
+        finite = np.isfinite(values.reshape(len(values), math.prod(values.shape[1:]))).all(1)
         if not finite.all():
             hint = (" (float16 overflow: use --dtype float32)"
                     if name == "embeddings" and values.dtype == np.float16 else "")
