@@ -16,7 +16,8 @@ from npos.settings import settings_record
 from npos.store import FeatureStore
 from npos.synthesize.config import SynthesisConfig
 from npos.synthesize.offline import QUANTILES, create_outliers_store, format_table
-from npos.synthesize.scale import GLOBAL_KEY, BankOutliers, Ranks, synthesize_bank
+from npos.synthesize.scale import (GLOBAL_KEY, ONE_PROCESS, BankOutliers, Ranks,
+                                   synthesize_bank)
 from npos.validation import check_int
 
 
@@ -175,7 +176,7 @@ def check_global_bank(config: SynthesisConfig, n: int, count: int | None, dim: i
 
 def synthesize_all_rows(store: FeatureStore, config: SynthesisConfig, *, scope: str,
                         count: int | None, seed: int, device: torch.device,
-                        memory_budget: int, ranks: Ranks = Ranks()) -> AllRowsSynthesis:
+                        memory_budget: int, ranks: Ranks = ONE_PROCESS) -> AllRowsSynthesis:
     """NPOS over all valid rows: per class (``scope="class"``: ``pick * keep`` outliers per
     class) or over the whole store (``scope="global"``: ``count`` outliers, labels ignored).
     See :func:`npos.synthesize.offline.synthesize_store` for the parameters."""
@@ -185,12 +186,16 @@ def synthesize_all_rows(store: FeatureStore, config: SynthesisConfig, *, scope: 
     positions = np.flatnonzero(store.readable_rows())
     labels = store.read_rows("labels")[positions].astype(np.int64)
     cache = KnnCache()
-    run = dict(seed=seed, memory_budget=memory_budget, cache=cache, ranks=ranks)
+
+    def run(raw: torch.Tensor, sources: int, key: int) -> BankOutliers:
+        return synthesize_bank(raw, config, sources=sources, key=key, seed=seed,
+                               memory_budget=memory_budget, cache=cache, ranks=ranks)
+
     if scope == "global":
         check_global_bank(config, positions.size, count, store.dim, memory_budget)
+        assert count is not None  # checked just above
         raw = torch.from_numpy(read_rows(store, positions)).to(device)
-        sources = -(-count // config.keep)
-        part = synthesize_bank(raw, config, sources=sources, key=GLOBAL_KEY, **run)
+        part = run(raw, -(-count // config.keep), GLOBAL_KEY)
         return AllRowsSynthesis(
             part.outliers[:count], torch.full((count,), -1, dtype=torch.int64),
             part.distance[:count], positions[part.source[:count].numpy()], config, "all",
@@ -202,14 +207,15 @@ def synthesize_all_rows(store: FeatureStore, config: SynthesisConfig, *, scope: 
     present = np.bincount(labels[labels >= 0], minlength=len(names))
     counts = {c: int(n) for c, n in enumerate(present) if n > 0}
     check_class_bank(config, counts, names)
-    parts, rows = {}, {}
+    parts: dict[str, BankOutliers] = {}
+    rows: dict[int, np.ndarray] = {}
     for group in class_groups(counts, store.dim, memory_budget):
         in_group = np.isin(labels, group)
         raw_group = read_rows(store, positions[in_group])
         for c in group:
             mine = labels[in_group] == c
             raw = torch.from_numpy(raw_group[mine]).to(device)
-            parts[names[c]] = synthesize_bank(raw, config, sources=config.pick, key=c, **run)
+            parts[names[c]] = run(raw, config.pick, c)
             rows[c] = positions[in_group][mine][parts[names[c]].source.numpy()]
         del raw_group
     classes = list(counts)

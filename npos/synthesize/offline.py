@@ -16,7 +16,7 @@ from npos.settings import settings_record
 from npos.store import IDENTITY_KEYS, FeatureStore, store_exists
 from npos.synthesize.config import BANKS, SCOPES, SynthesisConfig
 from npos.synthesize.engine import SynthesisResult, SynthesisStats, synthesize
-from npos.synthesize.scale import Ranks
+from npos.synthesize.scale import ONE_PROCESS, Ranks
 from npos.validation import check_choice, check_int
 
 if TYPE_CHECKING:
@@ -254,7 +254,7 @@ def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queu
 
         return synthesize_all_rows(store, config, scope=scope, count=count, seed=seed,
                                    device=device, memory_budget=memory_budget,
-                                   ranks=ranks or Ranks())
+                                   ranks=ranks or ONE_PROCESS)
     labels = torch.from_numpy(store.read("labels").astype(np.int64))
     if not (labels >= 0).any():
         raise StoreError(f"store {store.url!r} has no labelled rows: --scope class needs class "

@@ -69,6 +69,10 @@ class Ranks:
         return {k: v for p in parts for k, v in p.items()}
 
 
+#: The rank of a run without ``torchrun``.
+ONE_PROCESS = Ranks()
+
+
 def seeded(*key: int) -> torch.Generator:
     """A CPU generator seeded by the integers ``key`` (mixed by numpy's SeedSequence)."""
     state = np.random.SeedSequence([int(k) % 2**63 for k in key]).generate_state(1, np.uint64)
@@ -99,7 +103,7 @@ def _kth_other(index: KnnIndex, rows: torch.Tensor, offset: int, k: int) -> torc
 
 
 def bank_kth_distance(index: KnnIndex, bank: torch.Tensor, k: int, *, chunk: int,
-                      ranks: Ranks = Ranks()) -> torch.Tensor:
+                      ranks: Ranks = ONE_PROCESS) -> torch.Tensor:
     """(N,) float32 distance of every bank row to its K-th nearest other row (CPU)."""
     n = bank.shape[0]
     part = {s: _kth_other(index, bank[s:s + chunk], s, k)
@@ -163,7 +167,7 @@ def _score_sources(raw, index, centers, js, cfg, seed, key):
 
 def synthesize_bank(raw: torch.Tensor, config: SynthesisConfig, *, sources: int, key: int,
                     seed: int, memory_budget: int, cache: KnnCache | None = None,
-                    ranks: Ranks = Ranks()) -> BankOutliers:
+                    ranks: Ranks = ONE_PROCESS) -> BankOutliers:
     """NPOS over a whole bank (see the module docstring).
 
     Parameters

@@ -52,7 +52,8 @@ def test_offline_step_equals_online_objective_on_fixed_outliers(id_loss):
     assert not outs[0].synthesized and offline.queues is None
     torch.testing.assert_close(outs[0].loss, outs[1].loss)
     torch.testing.assert_close(outs[0].outlier_loss, outs[1].outlier_loss)
-    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
+    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters(),
+                                    strict=True):
         if a.grad is None:
             assert b.grad is None, name
         else:
