@@ -39,7 +39,8 @@ def command(features, out, bank, scope, count, memory_budget, seed, device, stat
     (classes with fewer rows are reported and skipped). --bank all: boundary points among all
     valid rows of each class, candidates rejected against the whole class. --scope global:
     class-agnostic over all valid rows (unlabeled stores), --count outliers in total. Under
-    torchrun the ranks split the kNN searches and rank 0 writes. Prints, per class,
+    torchrun the ranks split the kNN searches of --bank all / --scope global (with --bank
+    sample each rank computes the same) and rank 0 writes. Prints, per class,
     quantiles of the K-th-NN distance of bank points, boundary points and kept outliers, and
     the share of candidates that landed farther out than their source point.
     """
