@@ -24,7 +24,6 @@ re-embedded stores with the head and refuses the original stores with it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -133,7 +132,7 @@ def _prepare(train_store: str, out: Path, model: str, pretrained: str | None,
     data = load_labeled(store)
     check_class_counts(data, head_config, store.url)
     seed_attr = store.attrs.get("seed")
-    clip = create_encoder(weights, seed=DEFAULT_SEED if seed_attr is None else int(seed_attr))
+    clip: Any = create_encoder(weights, seed=DEFAULT_SEED if seed_attr is None else int(seed_attr))
     tail = VisionTail(clip.visual, spec.layer)
     del clip
     if (spec.shape[1], store.dim) != (tail.width, tail.output_dim):
