@@ -77,6 +77,11 @@ def render_markdown(result: EvaluationResult) -> str:
     lines += [f"- ID store: `{s.get('id')}` ({s.get('rows', {}).get('id')} rows)"]
     for name, url in (s.get("ood") or {}).items():
         lines.append(f"- OOD `{name}`: `{url}` ({s.get('rows', {}).get(name)} rows)")
+    skipped = s.get("skipped_invalid") or {}
+    if any(skipped.values()):
+        lines.append("- skipped (inputs that failed to load): " + ", ".join(
+            f"{n} {'ID' if name == 'id' else repr(name)} rows"
+            for name, n in skipped.items() if n))
     lines += [f"- encoder: `{s.get('model')}`, dim {s.get('dim')}",
               f"- space: {s.get('space')}" + (f" (head `{s['head']}`)" if s.get("head") else
                                               " (zero-shot: class text embeddings)"),
