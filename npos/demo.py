@@ -249,26 +249,26 @@ def summary_markdown(results: dict[str, dict], *, model: str, pretrained: str | 
     """The text of ``summary.md``: readable alone (title, setting, units, arrows, table,
     ID accuracy, and a sentence for every inverted score)."""
     weights = "random init" if str(pretrained).lower() == "none" else f"weights {pretrained}"
-    lines = [
-        "# npos demo: OOD detection on handwritten digits", "",
-        f"ID: digits {ID_DIGITS[0]}-{ID_DIGITS[-1]} (scikit-learn `load_digits`, test split); "
-        "near-OOD: the other digits; far-OOD: uniform-noise images. Encoder "
-        f"`{model}` ({weights}, seed {seed}); heads trained {epochs} epochs, with NPOS "
-        "synthesis (`npos`) and without it (`no-synthesis`); `zero-shot` uses no head.", "",
-        "All numbers are percentages (%). ↑: higher is better (ID accuracy, AUROC); "
-        "↓: lower is better (FPR95, the false-positive rate on OOD at 95 % true positives "
-        "on ID). Scores rate how in-distribution an image is; AUROC 50 % is chance.", "",
-        summary_table(results), "",
-        "ID accuracy (top-1 on the ID test split): " + "; ".join(
-            f"{variant} {100 * doc['id_accuracy']:.2f} %" if doc.get("id_accuracy") is not None
-            else f"{variant} n/a" for variant, doc in results.items()) + ".",
-    ]
+    setting = (f"ID: digits {ID_DIGITS[0]}-{ID_DIGITS[-1]} (scikit-learn `load_digits`, test "
+               "split); near-OOD: the other digits; far-OOD: uniform-noise images. Encoder "
+               f"`{model}` ({weights}, seed {seed}); heads trained {epochs} epochs, with NPOS "
+               "synthesis (`npos`) and without it (`no-synthesis`); `zero-shot` uses no head.")
+    units = ("All numbers are percentages (%). ↑: higher is better (ID accuracy, AUROC); "
+             "↓: lower is better (FPR95, the false-positive rate on OOD at 95 % true "
+             "positives on ID). Scores rate how in-distribution an image is; AUROC 50 % is "
+             "chance.")
+    accuracy = "; ".join(f"{variant} {100 * doc['id_accuracy']:.2f} %"
+                         if doc.get("id_accuracy") is not None else f"{variant} n/a"
+                         for variant, doc in results.items())
+    lines = ["# npos demo: OOD detection on handwritten digits", "", setting, "", units, "",
+             summary_table(results), "",
+             f"ID accuracy (top-1 on the ID test split): {accuracy}."]
     inverted = inverted_scores(results)
     if inverted:
         lines += ["", *inverted]
     if str(pretrained).lower() == "none":
-        lines += ["", f"`{model}` is randomly initialized: these numbers show that the "
-                  "pipeline runs, not what NPOS does with CLIP features."]
+        lines += ["", (f"`{model}` is randomly initialized: these numbers show that the "
+                       "pipeline runs, not what NPOS does with CLIP features.")]
     return "\n".join(lines) + "\n"
 
 

@@ -97,9 +97,9 @@ def test_summary_stands_alone_title_units_arrows_accuracy_and_inversions():
     assert "| zero-shot | mcm | 91.23 | 50.00 | 61.00 | 50.00 | 23.40 |" in lines
     assert "zero-shot 91.23 %; npos n/a." in text
     inverted = [line for line in lines if "inverted" in line]
-    assert inverted == ["The mcm score of zero-shot is inverted on far (AUROC 23.40 % < 50 %): "
-                        "it rates these OOD images as more in-distribution than the ID test "
-                        "images, worse than chance."]  # 50.00 % exactly is chance, not inverted
+    assert inverted == [("The mcm score of zero-shot is inverted on far (AUROC 23.40 % < 50 %): "
+                         "it rates these OOD images as more in-distribution than the ID test "
+                         "images, worse than chance.")]  # 50.00 % exactly is chance, not inverted
     assert "randomly initialized" in text
     clean = summary_markdown({"npos": _doc(0.8, {"near": 0.7, "far": 0.9})}, model="ViT-B-32",
                              pretrained="laion2b_s34b_b79k", seed=0, epochs=3)

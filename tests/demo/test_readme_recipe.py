@@ -47,7 +47,7 @@ RECIPE_SUBSTITUTIONS = [
 def readme_block(heading: str, language: str) -> str:
     """The first ``language`` code block after ``heading`` in README.md."""
     section = (ROOT / "README.md").read_text(encoding="utf-8").split(heading, 1)[1]
-    return re.search(rf"```{language}\n(.*?)```", section, re.S).group(1)
+    return re.search(rf"```{language}\n(.*?)```", section, re.DOTALL).group(1)
 
 
 def shell_commands(script: str) -> list[list[str]]:
@@ -150,7 +150,7 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
                           chunk_rows=512)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code, "README.md (Python API)", "exec"), namespace)
+    exec(compile(code, "README.md (Python API)", "exec"), namespace)  # noqa: S102 (the test)
     assert namespace["scores"].shape == (10,)
     assert set(namespace["res"].metrics) == {"mcm", "knn", "head"}
     assert (tmp_path / "reports" / "run1" / "metrics.json").exists()

@@ -56,7 +56,7 @@ def _install(point: str, k: int) -> None:
 
         FeatureStore.create = classmethod(killing_create)
     elif point.startswith("epoch"):
-        import npos.train_head.trainer as trainer
+        from npos.train_head import trainer
 
         save_partial = trainer.save_partial
 
