@@ -113,12 +113,14 @@ def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = N
         _check_outputs(out_path, partial, resume=resume, overwrite=overwrite)
         return _train_locked(train_store_url, out_path, partial, config, val=val,
                              device=device, resume=resume, progress=progress,
-                             profile=profile, log=log)
+                             profile=profile, log=log, outliers=outliers,
+                             outliers_per_step=outliers_per_step)
 
 
 def _train_locked(train_store_url: str, out_path: Path, partial: Path, config: HeadConfig, *,
                   val: str | None, device: torch.device, resume: bool, progress: bool,
-                  profile: bool, log: Callable[[str], None] | None) -> TrainResult:
+                  profile: bool, log: Callable[[str], None] | None, outliers: str | None,
+                  outliers_per_step: int | None) -> TrainResult:
     """The body of :func:`train_head`, run while holding the head folder's lock."""
     from npos.store import FeatureStore
 
