@@ -69,11 +69,11 @@ def check_bank_matches(bank: TextBank, store: FeatureStore, *, what: str) -> Non
 def _create(out: str, corpus: Corpus, dim: int, attrs: dict[str, Any], *, chunk_rows: int,
             overwrite: bool) -> FeatureStore:
     """Create the bank, or reopen one made from the same inputs to fill its missing chunks."""
-    attrs = {**attrs, "corpus": {"name": corpus.name, "rows": len(corpus),
-                                 "sha256": corpus.digest()}}
+    attrs = {**attrs, "dim": dim, "corpus": {"name": corpus.name, "rows": len(corpus),
+                                             "sha256": corpus.digest()}}
     if store_exists(out) and not overwrite:
         fs = FeatureStore.open(out, "r+", kinds=(KIND,), what="text-bank")
-        for key in (*TEXT_IDENTITY_KEYS, "templates", "corpus"):
+        for key in (*TEXT_IDENTITY_KEYS, "templates", "superclasses", "corpus"):
             if fs.attrs.get(key) != attrs.get(key):
                 fs.close()
                 raise IncompatibleStoreError(
