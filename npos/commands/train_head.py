@@ -67,7 +67,11 @@ def _default(name: str):
 @click.option("--synth-every", type=click.IntRange(min=1), default=_default("synth_every"),
               show_default=True, help="Synthesize every N steps (in between: reuse).")
 @synthesis_options
-@click.option("--val", help="Labeled store (same encoder and classes): accuracy per epoch.")
+@click.option("--val", help="Labeled store (same encoder and classes): accuracy per epoch, "
+                            "and the thresholds of the head's scores at --tpr "
+                            "(OUT/thresholds.json, for 'npos score --threshold auto').")
+@click.option("--tpr", type=click.FloatRange(0, 1, min_open=True), default=0.95,
+              show_default=True, help="ID true-positive rate of the stored thresholds.")
 @click.option("--seed", type=click.IntRange(min=0), default=_default("seed"), show_default=True)
 @device_option()
 @click.option("--amp/--no-amp", default=_default("amp"), show_default=True,
@@ -75,7 +79,7 @@ def _default(name: str):
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last "
               "finished epoch (OUT.partial/).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing head at --out.")
-def command(features: str, out: str, val: str | None, device: str, resume: bool,
+def command(features: str, out: str, val: str | None, tpr: float, device: str, resume: bool,
             overwrite: bool, **options) -> None:
     """Train a projection, classifier and OOD head on the labeled store FEATURES.
 
@@ -96,3 +100,8 @@ def command(features: str, out: str, val: str | None, device: str, resume: bool,
     click.echo(f"wrote {out}: {config.epochs} epochs, train accuracy {last['accuracy']:.4f}"
                + (f", val accuracy {last['val_accuracy']:.4f}"
                   if last["val_accuracy"] is not None else ""))
+    if val is not None:
+        from npos.evaluate.calibration import HEAD_THRESHOLDS, calibrate_head
+
+        calibrate_head(out, val, tpr=tpr, device=device)
+        click.echo(f"wrote {out}/{HEAD_THRESHOLDS} (thresholds at ID TPR {tpr:g} on {val})")

@@ -65,6 +65,22 @@ def calibrate(id_store: Any, config: Any = None, *, tpr: float = 0.95, head: Any
                 next(iter(scores))])), "settings": setup.record(id=fs.url)}
 
 
+#: The scores ``train-head --val`` calibrates (every head-space score that needs no train).
+HEAD_SCORES = "mcm,msp,maxlogit,energy,head"
+
+
+def calibrate_head(head_dir: str | os.PathLike, val: str, *, tpr: float = 0.95,
+                   device: str = "auto") -> dict[str, Any]:
+    """Thresholds of the head-space scores on the validation store, written to
+    ``head_dir/thresholds.json`` (what ``--threshold auto`` reads)."""
+    from npos.evaluate.config import ScoringConfig
+
+    record = calibrate(val, ScoringConfig(scores=HEAD_SCORES, device=device), tpr=tpr,
+                       head=str(head_dir))
+    write_thresholds(record, Path(head_dir) / HEAD_THRESHOLDS, overwrite=True)
+    return record
+
+
 def write_thresholds(record: dict[str, Any], out: str | os.PathLike, *,
                      overwrite: bool = False) -> None:
     """Write a thresholds record as JSON, atomically."""

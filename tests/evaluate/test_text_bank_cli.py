@@ -58,14 +58,13 @@ def test_text_bank_tiny_end_to_end(tmp_path, make_store):
     assert res.exit_code == 2 and "does not match store" in res.output
 
     # calibrate -> score --threshold FILE writes is_ood
-    res = runner.invoke(cli, ["calibrate", "--id", str(tmp_path / "id.zarr"), "--scores",
-                              "neglabel", "--text-bank", bank, "--neg-groups", "1", "--neg-fraction", "1",
-                              "--device", "cpu", "--out", str(tmp_path / "t.json")])
+    neg = ["--scores", "neglabel", "--text-bank", bank, "--neg-groups", "1", "--neg-fraction",
+           "1", "--device", "cpu"]
+    res = runner.invoke(cli, ["calibrate", "--id", str(tmp_path / "id.zarr"), *neg, "--out",
+                              str(tmp_path / "t.json")])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(cli, ["score", str(tmp_path / "ood.zarr"), "--scores", "neglabel",
-                              "--text-bank", bank, "--neg-groups", "1", "--neg-fraction", "1", "--device", "cpu",
-                              "--threshold", str(tmp_path / "t.json"), "--out",
-                              str(tmp_path / "s.zarr")])
+    res = runner.invoke(cli, ["score", str(tmp_path / "ood.zarr"), *neg, "--threshold",
+                              str(tmp_path / "t.json"), "--out", str(tmp_path / "s.zarr")])
     assert res.exit_code == 0, res.output
     assert FeatureStore.open(str(tmp_path / "s.zarr")).attrs["score_names"] == \
         ["neglabel", "is_ood"]

@@ -23,7 +23,8 @@ from npos.evaluate.detectors.neglabel import CSPScore, NegLabelScore
 
 __all__ = [
     "CLASSIFIER_INPUTS", "CSPScore", "ENTRY_POINT_GROUP", "INPUTS", "Detector", "EnergyScore",
-    "HeadScore", "KNNScore", "MCMScore", "MSPScore", "MahalanobisScore", "MaxLogitScore", "NegLabelScore",
+    "HeadScore", "KNNScore", "MCMScore", "MSPScore", "MahalanobisScore", "MaxLogitScore",
+    "NegLabelScore",
     "as_tensor", "default_scores", "detector_names", "energy_score", "get_detector",
     "load_plugins", "maxlogit_score", "mcm_score", "msp_score", "names_where", "parse_scores",
     "register_detector", "to_numpy", "unregister_detector",
