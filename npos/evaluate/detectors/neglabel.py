@@ -23,8 +23,8 @@ Vision-Language Models", ICLR 2024:
        score(z) = (1/G) sum_g  sum_k e^{s_k} / (sum_k e^{s_k} + sum_{j in g} e^{t_j})
 
    the softmax mass on the ID labels over [ID labels; group g], averaged over the groups
-   (computed in float64 after subtracting each row's largest logit; memory is bounded by
-   row blocks of ``2^25 / (K + M)`` rows).
+   (as ``sigmoid(LSE_k s_k - LSE_{j in g} t_j)``: float32 log-sum-exps, float64 sigmoid
+   and mean; memory is bounded by row blocks of ``2^25 / (K + M)`` rows).
 
 ``csp`` — Chen et al., "Conjugated Semantic Pool Improves OOD Detection with Pre-trained
 Vision-Language Models", NeurIPS 2024. The candidate pool is the bank's nouns and adjectives
@@ -51,10 +51,12 @@ from npos.evaluate.detectors.base import Detector, as_tensor, register_detector,
 from npos.validation import check_float, check_int
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from npos.evaluate.config import ScoringConfig
     from npos.textbank import TextBank
 
-#: Bound on the float64 logits held at once (rows x labels) while scoring.
+#: Bound on the logits held at once (rows x labels) while scoring.
 _BLOCK_ELEMENTS = 2 ** 25
 
 
@@ -93,31 +95,47 @@ def negative_groups(n: int, groups: int, seed: int) -> list[np.ndarray]:
     return np.array_split(np.random.default_rng(seed).permutation(n), groups)
 
 
+def grouped_labels(class_text: Any, negatives: Any, groups: list[np.ndarray],
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[class_text; negatives in group order]`` with each group padded to the largest
+    (zero rows), and the (G, L) additive mask that is -inf on the padding."""
+    import torch
+
+    class_text, negatives = as_tensor(class_text), as_tensor(negatives, class_text.device)
+    size = max(len(g) for g in groups)
+    order = torch.zeros(len(groups) * size, dtype=torch.long)
+    mask = torch.full((len(groups), size), float("-inf"))
+    for i, g in enumerate(groups):
+        order[i * size:i * size + len(g)] = torch.as_tensor(g, dtype=torch.long)
+        mask[i, :len(g)] = 0.0
+    rows = negatives[order.to(negatives.device)] * (mask.reshape(-1, 1) == 0).to(negatives)
+    return torch.cat([class_text, rows]), mask.to(class_text.device)
+
+
 def grouped_id_mass(z: Any, class_text: Any, negatives: Any, groups: list[np.ndarray], *,
-                    temperature: float = 0.01) -> np.ndarray:
-    """The NegLabel score (step 3 of the module docstring) of rows ``z`` (N, D). (N,)."""
+                    temperature: float = 0.01, labels: Any = None) -> np.ndarray:
+    """The NegLabel score (step 3 of the module docstring) of rows ``z`` (N, D). (N,).
+
+    Per group, ``sum_k e^{s_k} / (sum_k e^{s_k} + sum_g e^{t_j}) = sigmoid(LSE_k s_k -
+    LSE_g t_j)``: log-sum-exps in float32 cannot underflow, the sigmoid and the mean are
+    float64. ``labels`` is :func:`grouped_labels`' output, when precomputed.
+    """
     import torch
 
     z = torch.nn.functional.normalize(as_tensor(z), dim=1)
-    labels = torch.cat([as_tensor(class_text, z.device), as_tensor(negatives, z.device)])
-    k, m = len(class_text), len(negatives)
-    # Columns of the negatives in group order, padded to G x L with -inf (e^-inf = 0).
-    size = max(len(g) for g in groups)
-    layout = torch.full((len(groups), size), -1, dtype=torch.long)
-    for i, g in enumerate(groups):
-        layout[i, :len(g)] = torch.as_tensor(g)
-    layout = layout.reshape(-1).to(z.device)
-    pad = layout < 0
+    matrix, mask = labels if labels is not None else grouped_labels(
+        as_tensor(class_text, z.device), negatives, groups)
+    k, n_groups = len(class_text), mask.shape[0]
+    scaled = matrix.T / temperature  # (D, K + G*L): one pass fewer over the logits
+    padded = bool(torch.isinf(mask).any())  # equal groups (M divisible by G) need no mask
     out = []
-    block = max(1, _BLOCK_ELEMENTS // (k + m))
+    block = max(1, _BLOCK_ELEMENTS // len(matrix))
     for start in range(0, len(z), block):
-        logits = (z[start:start + block] @ labels.T).double() / temperature
-        logits = logits - logits.amax(dim=1, keepdim=True)
-        ids = logits[:, :k].exp().sum(dim=1, keepdim=True)
-        neg = logits[:, k:][:, layout.clamp(min=0)].exp()
-        neg[:, pad] = 0.0
-        per_group = neg.reshape(len(neg), len(groups), size).sum(dim=2)
-        out.append((ids / (ids + per_group)).mean(dim=1))
+        logits = z[start:start + block] @ scaled
+        ids = logits[:, :k].logsumexp(dim=1, keepdim=True)
+        neg = logits[:, k:].reshape(len(logits), n_groups, -1)
+        neg = (neg + mask if padded else neg).logsumexp(dim=2)
+        out.append(torch.sigmoid((ids - neg).double()).mean(dim=1))
     return to_numpy(torch.cat(out)) if out else np.zeros(0)
 
 
@@ -169,6 +187,7 @@ class NegLabelScore(Detector):
         self.class_text_ = torch.as_tensor(class_text, dtype=torch.float32, device=device)
         self.negatives_ = torch.as_tensor(bank.embeddings[chosen], dtype=torch.float32,
                                           device=device)
+        self.labels_ = grouped_labels(self.class_text_, self.negatives_, self.groups_)
         self.bank_url_ = bank.url
 
     def score(self, embeddings: Any) -> np.ndarray:
@@ -176,7 +195,8 @@ class NegLabelScore(Detector):
         if not hasattr(self, "negatives_"):
             raise ParameterError(f"{self.name} has no negatives: attach() a text bank first")
         return grouped_id_mass(as_tensor(embeddings, self.negatives_.device), self.class_text_,
-                               self.negatives_, self.groups_, temperature=self.temperature)
+                               self.negatives_, self.groups_, temperature=self.temperature,
+                               labels=self.labels_)
 
     def facts(self) -> dict[str, Any]:
         if not hasattr(self, "negatives_"):
