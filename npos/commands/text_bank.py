@@ -8,6 +8,7 @@ import sys
 import click
 
 from npos.commands._common import UserError, device_option
+from npos.textbank.corpus import SUPERCLASSES
 
 
 @click.group("text-bank", invoke_without_command=True)
@@ -21,6 +22,10 @@ from npos.commands._common import UserError, device_option
                    "one word per line (optionally word<TAB>pos<TAB>lexname).")
 @click.option("--templates", "templates_file", type=click.Path(exists=True, dir_okay=False),
               help="Prompt templates file, one per line with '{}' (default: extract's 18).")
+@click.option("--superclasses", default=",".join(SUPERCLASSES), show_default=True,
+              metavar="WORD,WORD,...",
+              help="csp: each adjective also gets a conjugated row, the mean embedding of "
+                   "'<adjective> <superclass>' over these words; '' for none.")
 @click.option("--out", help="Output text bank (directory or fsspec URL).")
 @device_option()
 @click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True,
@@ -28,8 +33,8 @@ from npos.commands._common import UserError, device_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing bank (without it a "
                                                 "re-run resumes an interrupted one).")
 @click.pass_context
-def command(ctx, model, pretrained, seed, corpus, templates_file, out, device, batch_size,
-            overwrite) -> None:
+def command(ctx, model, pretrained, seed, corpus, templates_file, superclasses, out, device,
+            batch_size, overwrite) -> None:
     """Embed a word list with prompt templates into TEXT.zarr, once per encoder.
 
     Chunked and resumable (re-run the same command after an interruption); one process.
@@ -47,6 +52,7 @@ def command(ctx, model, pretrained, seed, corpus, templates_file, out, device, b
     templates = load_templates(templates_file) if templates_file else None
     fs = build_text_bank(out, model=model, pretrained=pretrained, corpus=corpus,
                          templates=templates, seed=seed, device=device,
+                         superclasses=[w for w in superclasses.split(",") if w.strip()],
                          batch_size=batch_size, overwrite=overwrite,
                          progress=sys.stderr.isatty())
     click.echo(f"wrote {out}: {fs.n_rows} words x {fs.dim} ({model}, {corpus})")

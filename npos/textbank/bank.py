@@ -140,39 +140,29 @@ def build_text_bank(out: str, *, model: str, pretrained: str | None, corpus: str
     fs = _create(str(out), words, dim, attrs, chunk_rows=chunk_rows, overwrite=overwrite)
     for index in tqdm(fs.missing_chunks(), desc="text bank", unit="chunk",
                       disable=not progress):
-        rows = range(*fs.chunk_slice(index).indices(len(words)))
-        emb = [_row_embedding(clip, tokenizer, words, i, templates, superclasses, batch_size)
-               for i in _runs(words, rows)]
-        _write(fs, words, index, np.concatenate(emb))
+        rows = np.arange(len(words))[fs.chunk_slice(index)]
+        _write(fs, words, index, _embed_rows(clip, tokenizer, words, rows, templates,
+                                             superclasses, batch_size, dim))
     return fs
 
 
-def _runs(words: Corpus, rows: range) -> list[range]:
-    """``rows`` split into runs of plain words and single conjugated rows."""
-    runs, start = [], rows.start
-    for i in rows:
-        if words.pos[i] == 2:
-            if i > start:
-                runs.append(range(start, i))
-            runs.append(range(i, i + 1))
-            start = i + 1
-    if start < rows.stop:
-        runs.append(range(start, rows.stop))
-    return runs
-
-
-def _row_embedding(clip, tokenizer, words: Corpus, rows: range, templates, superclasses,
-                   batch_size: int) -> np.ndarray:
+def _embed_rows(clip, tokenizer, words: Corpus, rows: np.ndarray, templates, superclasses,
+                batch_size: int, dim: int) -> np.ndarray:
+    """Embeddings of ``rows``: a word's prompt ensemble; a conjugated row's normalized mean
+    of the prompt ensembles of ``"<adjective> <superclass>"`` over the superclasses."""
     from npos.extract.text import text_embeddings
 
-    if words.pos[rows.start] != 2:  # plain words: the prompt ensemble of each word
-        return text_embeddings(clip, tokenizer, words.words[rows.start:rows.stop], templates,
-                               batch_size=batch_size)
-    adjective = words.words[rows.start]
-    per_super = text_embeddings(clip, tokenizer, [f"{adjective} {s}" for s in superclasses],
-                                templates, batch_size=batch_size)
-    mean = per_super.mean(axis=0, keepdims=True)
-    return mean / np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
+    conj = np.asarray([words.pos[i] == 2 for i in rows], dtype=bool)
+    out = np.empty((len(rows), dim), np.float32)
+    if (~conj).any():
+        out[~conj] = text_embeddings(clip, tokenizer, [words.words[i] for i in rows[~conj]],
+                                     templates, batch_size=batch_size)
+    if conj.any():
+        names = [f"{words.words[i]} {s}" for i in rows[conj] for s in superclasses]
+        per = text_embeddings(clip, tokenizer, names, templates, batch_size=batch_size)
+        mean = per.reshape(int(conj.sum()), len(superclasses), dim).mean(axis=1)
+        out[conj] = mean / np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
+    return out
 
 
 def _tokenizer(model: str):

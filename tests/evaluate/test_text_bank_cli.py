@@ -33,6 +33,17 @@ def test_text_bank_tiny_end_to_end(tmp_path, make_store):
     assert tb.fingerprint() == {"model": "npos-tiny", "pretrained": "none", "seed": 0,
                                 "dim": tb.embeddings.shape[1]}
     assert runner.invoke(cli, args).exit_code == 0  # a re-run resumes (nothing missing)
+    from npos.encoder import create_encoder
+    from npos.extract.text import text_embeddings
+    from npos.textbank.bank import _tokenizer
+
+    clip = create_encoder("npos-tiny", "none")
+    per = text_embeddings(clip, _tokenizer("npos-tiny"),
+                          [f"red {s}" for s in tb.attrs["superclasses"]], ["a photo of a {}."])
+    mean = per.mean(axis=0)
+    np.testing.assert_allclose(tb.embeddings[5], mean / np.linalg.norm(mean), atol=1e-5)
+    np.testing.assert_allclose(tb.embeddings[0], text_embeddings(
+        clip, _tokenizer("npos-tiny"), ["dog"], ["a photo of a {}."])[0], atol=1e-5)
 
     # Image stores of the same encoder take it; another seed is refused in one line.
     dim = tb.embeddings.shape[1]
