@@ -162,3 +162,28 @@ def test_threshold_keeps_requested_tpr_and_is_ood_agrees(tmp_path, make_store):
     np.testing.assert_array_equal(is_ood(np.array([0.0, 1.0, np.nan]), 0.5), [1.0, 0.0, np.nan])
     result = evaluate(id_url, {"ood": ood_url}, config, threshold=str(tmp_path / "t.json"))
     assert result.settings["threshold"]["id_tpr"] >= 0.9
+
+
+def test_csp_pool_takes_conjugated_rows_and_excludes_id_synonyms():
+    from types import SimpleNamespace
+
+    from npos.evaluate.detectors import CSPScore, NegLabelScore
+
+    rng = np.random.default_rng(4)
+    class_text = unit(rng.normal(size=(4, 8)))
+    words = unit(rng.normal(size=(30, 8)))
+    words[0] = class_text[2]  # a synonym of an ID class (cosine 1)
+    bank = SimpleNamespace(embeddings=words, pos=np.repeat([0, 1, 2], 10),
+                           ids=[f"w{i}" for i in range(30)], url="mem")
+    config = ScoringConfig(neg_count=100, neg_groups=2, neg_fraction=1.0, csp_threshold=0.9)
+    neg = NegLabelScore.from_config(config, device="cpu")
+    csp = CSPScore.from_config(config, device="cpu")
+    assert neg.exclude_above is None and csp.exclude_above == 0.9
+    neg.attach(class_text=class_text, bank=bank)
+    csp.attach(class_text=class_text, bank=bank)
+    assert sorted(neg.negative_ids_) == sorted(f"w{i}" for i in range(20))
+    assert sorted(csp.negative_ids_) == sorted(f"w{i}" for i in range(1, 30))
+    z = rng.normal(size=(5, 8))
+    chosen = [int(i[1:]) for i in csp.negative_ids_]
+    np.testing.assert_allclose(csp.score(z), reference_score(z, class_text, words[chosen],
+                                                            csp.groups_, 0.01), rtol=1e-5)

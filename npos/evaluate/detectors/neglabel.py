@@ -147,6 +147,8 @@ class NegLabelScore(Detector):
     needs_text_bank: ClassVar[bool] = True
     #: Parts of speech taken from the bank (0 noun, 1 adjective, 2 conjugated, -1 none).
     pool: ClassVar[tuple[int, ...]] = (0, 1, -1)
+    #: Whether ``from_config`` passes ``csp_threshold`` as ``exclude_above``.
+    excludes_synonyms: ClassVar[bool] = False
 
     def __init__(self, *, count: int = 10000, groups: int = 100, quantile: float = 0.95,
                  fraction: float = 0.15, temperature: float = 0.01, seed: int = 0,
@@ -167,7 +169,8 @@ class NegLabelScore(Detector):
     def from_config(cls, config: ScoringConfig, *, device: str) -> NegLabelScore:
         return cls(count=config.neg_count, groups=config.neg_groups,
                    quantile=config.neg_quantile, fraction=config.neg_fraction,
-                   temperature=config.neg_temperature, seed=config.seed)
+                   temperature=config.neg_temperature, seed=config.seed,
+                   exclude_above=config.csp_threshold if cls.excludes_synonyms else None)
 
     def attach(self, *, class_text: np.ndarray, bank: TextBank, device: str = "cpu") -> None:
         """Choose the negatives of ``bank`` for the ID classes ``class_text`` (K, D)."""
@@ -211,10 +214,4 @@ class CSPScore(NegLabelScore):
     adjective-superclass labels, ID near-synonyms excluded."""
 
     pool = (0, 1, 2, -1)
-
-    @classmethod
-    def from_config(cls, config: ScoringConfig, *, device: str) -> CSPScore:
-        return cls(count=config.neg_count, groups=config.neg_groups,
-                   quantile=config.neg_quantile, fraction=config.neg_fraction,
-                   temperature=config.neg_temperature, seed=config.seed,
-                   exclude_above=config.csp_threshold)
+    excludes_synonyms = True
