@@ -11,8 +11,8 @@ rows/s, memory bounded by the batch (it must not grow with the rows scored).
 
 Usage::
 
-    python benchmarks/neglabel.py [--rows 200000] [--device auto] [--batch-size 65536]
-    python benchmarks/neglabel.py --rows 1000000 --device cuda     # the full-size run
+    python -m benchmarks.neglabel [--rows 200000] [--device auto] [--batch-size 65536]
+    python -m benchmarks.neglabel --rows 1000000 --device cuda     # the full-size run
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 DIM, CLASSES, WORDS = 512, 1000, 70000
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -104,9 +105,9 @@ def main() -> None:
         results = {}
         for score in ("mcm", "neglabel"):
             out = subprocess.run(
-                [sys.executable, __file__, "--child", score, "--store", store, "--bank", bank,
+                [sys.executable, "-m", "benchmarks.neglabel", "--child", score, "--store", store, "--bank", bank,
                  "--workdir", tmp, "--device", args.device, "--batch-size",
-                 str(args.batch_size)], check=True, capture_output=True, text=True)
+                 str(args.batch_size)], check=True, capture_output=True, text=True, cwd=ROOT)
             results[score] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"machine: {platform.processor() or platform.machine()}, device {args.device}; "
           f"{args.rows} rows x {DIM}, {CLASSES} classes, neglabel: {CLASSES} + 10000 labels")

@@ -1,6 +1,6 @@
 """Epoch time of head training on an ImageNet-100-shaped cache, with and without synthesis.
 
-The cache is generated (:func:`npos.train_head.benchmark_data.make_feature_world`) with the
+The cache is generated (:func:`benchmarks.feature_world.make_feature_world`) with the
 shape of CLIP ViT-B/16 features of ImageNet-100: 100 classes x ~1260 rows, D=512. Training
 runs the real objective and loop (:class:`~npos.train_head.HeadObjective`,
 :func:`~npos.train_head.run_epoch`) with the paper's synthesis sizes (Q=1000, K=400,
@@ -22,8 +22,8 @@ stay those of ImageNet-100; epoch time and synthesis cost are both linear in the
 
 Usage::
 
-    python benchmarks/train_head.py                              # full shape
-    python benchmarks/train_head.py --classes 10 --steps 5       # 2-core CPU box
+    python -m benchmarks.train_head                              # full shape
+    python -m benchmarks.train_head --classes 10 --steps 5       # 2-core CPU box
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ import time
 import torch
 from torch.nn import functional as F
 
+from benchmarks.feature_world import make_feature_world
 from npos.synthesize import SynthesisConfig
 from npos.train_head import HeadConfig, HeadModel, HeadObjective, run_epoch
-from npos.train_head.benchmark_data import make_feature_world
 
 PAPER = SynthesisConfig(k=400, select=300, pick=3, candidates=1500, keep=2)
 MODES = {

@@ -42,9 +42,11 @@ def check_int(name: str, value: Any, low: int, high: int | None = None, *,
     ``high_closed``; no upper bound when ``high`` is None), or None with ``allow_none``."""
     if value is None and allow_none:
         return
-    ok = isinstance(value, Integral) and not isinstance(value, bool) and value >= low
-    if ok and high is not None:
-        ok = value <= high if high_closed else value < high
+    ok = isinstance(value, Integral) and not isinstance(value, bool)
+    if ok:
+        number = int(value)
+        ok = number >= low and (high is None or (number <= high if high_closed
+                                                 else number < high))
     if not ok:
         upper = "inf)" if high is None else f"{high}{']' if high_closed else ')'}"
         _fail(name, value, f"an int in the range [{low}, {upper}"
@@ -58,9 +60,11 @@ def check_float(name: str, value: Any, low: float, high: float | None = None, *,
     ``low_open``; no upper bound when ``high`` is None), or None with ``allow_none``."""
     if value is None and allow_none:
         return
-    ok = (isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-          and (value > low if low_open else value >= low)
-          and (high is None or value <= high))
+    ok = isinstance(value, Real) and not isinstance(value, bool)
+    if ok:
+        number = float(value)
+        ok = (math.isfinite(number) and (number > low if low_open else number >= low)
+              and (high is None or number <= high))
     if not ok:
         left = "(" if low_open else "["
         right = "inf)" if high is None else f"{high:g}]"

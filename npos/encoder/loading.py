@@ -211,7 +211,7 @@ def create_encoder(model: str | Weights, pretrained: str | None = None, *,
     return clip
 
 
-def image_preprocess_config(clip: torch.nn.Module) -> dict[str, Any]:
+def image_preprocess_config(clip: Any) -> dict[str, Any]:
     """open_clip's inference preprocessing of ``clip`` as a plain dict (the store's
     ``preprocess`` attribute): size, mode, mean, std, interpolation, resize_mode, fill_color.
 

@@ -90,7 +90,7 @@ def load_embedding_source(path: str | os.PathLike) -> EmbeddingSource:
     else:
         files = [path]
     parts = [_load_array(f, what="embeddings") for f in files]
-    for f, part in zip(files, parts):
+    for f, part in zip(files, parts, strict=True):
         if part.ndim != 2 or part.shape[0] == 0:
             raise ParameterError(
                 f"embeddings in {str(f)!r} must be a non-empty 2-D array (rows, dim); "
@@ -183,7 +183,7 @@ def import_embeddings(
             raise ParameterError(f"text embeddings must have shape (classes, {dim}); "
                                  f"got {text_arr.shape}")
 
-    if class_names is not None and not isinstance(class_names, (list, tuple)):
+    if isinstance(class_names, (str, os.PathLike)):
         names = _read_lines(class_names, what="class names")
     elif class_names is not None:
         names = [str(c) for c in class_names]
