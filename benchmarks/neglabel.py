@@ -68,6 +68,7 @@ def child(args: argparse.Namespace) -> None:
     """Score once with one detector; print rows/s and peak memory as JSON."""
     import torch
 
+    from npos.device import resolve_device
     from npos.evaluate import ScoringConfig, score_store
 
     config = ScoringConfig(scores=args.child, text_bank=args.bank, device=args.device,
@@ -77,15 +78,9 @@ def child(args: argparse.Namespace) -> None:
     result = {"score": args.child, "rows_per_s": summary.rows_per_s,
               "scoring_s": summary.seconds, "total_s": time.perf_counter() - start,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available() and str(summary_device(config)).startswith("cuda"):
+    if str(resolve_device(config.device)).startswith("cuda"):
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     print(json.dumps(result))
-
-
-def summary_device(config) -> str:
-    from npos.device import resolve_device
-
-    return str(resolve_device(config.device))
 
 
 def main() -> None:
@@ -105,8 +100,8 @@ def main() -> None:
         results = {}
         for score in ("mcm", "neglabel"):
             out = subprocess.run(
-                [sys.executable, "-m", "benchmarks.neglabel", "--child", score, "--store", store, "--bank", bank,
-                 "--workdir", tmp, "--device", args.device, "--batch-size",
+                [sys.executable, "-m", "benchmarks.neglabel", "--child", score, "--store", store,
+                 "--bank", bank, "--workdir", tmp, "--device", args.device, "--batch-size",
                  str(args.batch_size)], check=True, capture_output=True, text=True, cwd=ROOT)
             results[score] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"machine: {platform.processor() or platform.machine()}, device {args.device}; "

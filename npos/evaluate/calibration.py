@@ -66,7 +66,7 @@ def calibrate(id_store: Any, config: Any = None, *, tpr: float = 0.95, head: Any
 
 
 #: The scores ``train-head --val`` calibrates (every head-space score that needs no train).
-HEAD_SCORES = "mcm,msp,maxlogit,energy,head"
+HEAD_SCORES = ("mcm", "msp", "maxlogit", "energy", "head")
 
 
 def calibrate_head(head_dir: str | os.PathLike, val: str, *, tpr: float = 0.95,

@@ -45,12 +45,12 @@ class Corpus:
     def ids(self) -> list[str]:
         """Unique row ids: ``word.n`` / ``word.a`` (WordNet's style), or the word alone."""
         suffix = {0: ".n", 1: ".a", 2: ".c", -1: ""}
-        return [w + suffix[p] for w, p in zip(self.words, self.pos)]
+        return [w + suffix[p] for w, p in zip(self.words, self.pos, strict=True)]
 
     def digest(self) -> str:
         """sha256 of the rows: a text bank is resumed only from the same word list."""
         h = hashlib.sha256()
-        for row in zip(self.words, self.pos, self.lexnames):
+        for row in zip(self.words, self.pos, self.lexnames, strict=True):
             h.update(("\t".join(map(str, row)) + "\n").encode("utf-8"))
         return h.hexdigest()
 
@@ -95,7 +95,7 @@ def load_corpus(corpus: str | Path = WORDNET) -> Corpus:
 def with_conjugates(corpus: Corpus, superclasses: tuple[str, ...]) -> Corpus:
     """``corpus`` plus one ``conjugated`` row per adjective (word: the adjective; lexname:
     ``csp:`` and the superclass words), for CSP. No superclasses: ``corpus`` unchanged."""
-    adjectives = [w for w, p in zip(corpus.words, corpus.pos) if p == 1]
+    adjectives = [w for w, p in zip(corpus.words, corpus.pos, strict=True) if p == 1]
     if not superclasses or not adjectives:
         return corpus
     tag = "csp:" + ",".join(superclasses)

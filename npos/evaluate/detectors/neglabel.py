@@ -197,7 +197,7 @@ class NegLabelScore(Detector):
         """Scores (N,) of raw image embeddings (N, D)."""
         if not hasattr(self, "negatives_"):
             raise ParameterError(f"{self.name} has no negatives: attach() a text bank first")
-        return grouped_id_mass(as_tensor(embeddings, self.negatives_.device), self.class_text_,
+        return grouped_id_mass(as_tensor(embeddings, str(self.negatives_.device)), self.class_text_,
                                self.negatives_, self.groups_, temperature=self.temperature,
                                labels=self.labels_)
 
