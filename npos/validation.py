@@ -70,3 +70,23 @@ def check_float(name: str, value: Any, low: float, high: float | None = None, *,
         right = "inf)" if high is None else f"{high:g}]"
         _fail(name, value, f"a float in the range {left}{low:g}, {right}"
               + (" or None" if allow_none else ""), owner, why)
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6,
+               "MIB": 2**20, "G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12,
+               "TIB": 2**40}
+
+
+def parse_size(name: str, value: Any) -> int:
+    """Bytes from a size such as ``512MiB``, ``2G``, ``1.5GB`` or ``1048576`` (K/M/G/T alone
+    are binary units)."""
+    text = str(value).strip().replace(" ", "").upper()
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number):]
+    try:
+        size = float(number)
+    except ValueError:
+        size = -1.0
+    if unit not in _SIZE_UNITS or not math.isfinite(size) or size * _SIZE_UNITS[unit] < 1:
+        _fail(name, value, "a size such as 512MiB, 2GiB or a number of bytes", None, "")
+    return int(size * _SIZE_UNITS[unit])

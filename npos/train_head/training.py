@@ -27,7 +27,8 @@ from npos.settings import settings_record
 from npos.train_head.checkpoint import FORMAT, CheckpointExistsError, write_checkpoint_dir
 from npos.train_head.config import HeadConfig
 from npos.train_head.data import (FeatureBatches, LabeledFeatures, accuracy, build_head,
-                                  check_class_counts, head_record, load_labeled)
+                                  check_class_counts, head_record, load_labeled,
+                                  load_one_class, load_outliers)
 from npos.train_head.objective import HeadObjective, StepOutput
 from npos.train_head.state import (STATE_FORMAT, load_optimizer_state, optimizer_state,
                                    save_partial, split_prefixes)
@@ -60,7 +61,8 @@ class TrainResult:
 def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = None, *,
                val: str | None = None, device: str | torch.device = "cpu",
                resume: bool = False, overwrite: bool = False, progress: bool = False,
-               profile: bool = False, log: Callable[[str], None] | None = None) -> TrainResult:
+               profile: bool = False, log: Callable[[str], None] | None = None,
+               outliers: str | None = None, outliers_per_step: int | None = None) -> TrainResult:
     """Train a projection, classifier and OOD head on a labeled feature store.
 
     Parameters
@@ -87,6 +89,14 @@ def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = N
         Synchronize CUDA around timed sections so ``TrainResult.timings`` are exact.
     log : callable, optional
         Receives one line per epoch (e.g. ``click.echo``).
+    outliers : str, optional
+        An outliers store (``npos synthesize``) of the training store's encoder: the head
+        trains on draws from it instead of online synthesis (no queues). With ``id_loss
+        "none"`` the training store may be unlabeled: a one-class detector (every row is the
+        class ``"id"``).
+    outliers_per_step : int, optional
+        Outliers drawn per step (default: classes x pick x keep, what online synthesis gives;
+        one batch for a one-class store).
 
     Returns
     -------
@@ -103,19 +113,26 @@ def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = N
     partial = _partial_dir(out_path)
     _check_outputs(out_path, partial, resume=resume, overwrite=overwrite)
     store = FeatureStore.open(train_store_url, kinds=("features",), what="train-head")
-    data = load_labeled(store)
-    check_class_counts(data, config, store.url)
+    one_class = (outliers is not None and config.id_loss == "none"
+                 and not (store.read("labels") >= 0).any())
+    data = load_one_class(store) if one_class else load_labeled(store)
+    check_class_counts(data, config, store.url, online=outliers is None)
+    draws = (load_outliers(outliers, store, config, data, outliers_per_step, device,
+                           one_class=one_class) if outliers is not None else None)
     val_data = _load_val(val, store, data)
     # What decides the head (a resumed run must match it); its config.json holds it all.
     record = head_record(config, data, train_store=store.url,
                          fingerprint=store.fingerprint(), val_store=val)
+    offline = {} if draws is None else {"outliers": outliers, "one_class": one_class,
+                                        "outliers_per_step": draws.per_step}
+    record.update(offline)
     settings = settings_record(train_store=store.url, out_dir=str(out_path), val=val,
-                               device=str(device), config=config)
+                               device=str(device), config=config, **offline)
 
     model, means = build_head(data, config)
     model.to(device)
     objective = HeadObjective(model, config, cider_prototypes=means, device=device,
-                              profile=profile)
+                              profile=profile, offline_outliers=draws)
     trainer = Trainer(objective, partial=partial, record=record, name=str(out_path),
                       progress=progress, profile=profile, log=log)
     if resume:
