@@ -63,16 +63,19 @@ def command(ctx, model, pretrained, seed, corpus, templates_file, superclasses, 
               help=".npy of shape (N, D): one text embedding per word.")
 @click.option("--words", required=True, type=click.Path(exists=True, dir_okay=False),
               help="N lines: word, or word<TAB>pos (n/a)<TAB>lexname.")
+@click.option("--pos", type=click.Choice(["n", "a", "c"]),
+              help="Part of speech of the words that give none (n noun, a adjective, "
+                   "c conjugated); default: none.")
 @click.option("--model", default="imported", show_default=True,
               help="Encoder name; must equal the image stores' model.")
 @click.option("--pretrained", default=None, help="Weights identity; must equal the image "
                                                  "stores' pretrained attribute.")
 @click.option("--out", required=True, help="Output text bank.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bank.")
-def import_(embeddings, words, model, pretrained, out, overwrite) -> None:
+def import_(embeddings, words, pos, model, pretrained, out, overwrite) -> None:
     """Import text embeddings computed elsewhere as a text bank."""
     from npos.textbank import import_text_bank
 
-    fs = import_text_bank(embeddings, words, out, model=model, pretrained=pretrained,
-                          overwrite=overwrite)
+    fs = import_text_bank(embeddings, words, out, pos=pos, model=model,
+                          pretrained=pretrained, overwrite=overwrite)
     click.echo(f"wrote {out}: {fs.n_rows} words x {fs.dim} ({model})")

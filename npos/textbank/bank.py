@@ -172,14 +172,20 @@ def _tokenizer(model: str):
 
 
 def import_text_bank(embeddings: str | os.PathLike | np.ndarray, words: str | os.PathLike,
-                     out: str, *, model: str = "imported", pretrained: str | None = None,
-                     chunk_rows: int = 4096, overwrite: bool = False) -> FeatureStore:
+                     out: str, *, pos: str | None = None, model: str = "imported",
+                     pretrained: str | None = None, chunk_rows: int = 4096,
+                     overwrite: bool = False) -> FeatureStore:
     """A text bank from one's own embeddings (.npy, (N, D)) and word file (N lines,
-    ``word[\\tpos[\\tlexname]]``; see :mod:`npos.textbank.corpus`)."""
+    ``word[\\tpos[\\tlexname]]``; see :mod:`npos.textbank.corpus`). ``pos`` (``n``, ``a``
+    or ``c``) is the part of speech of the lines that give none."""
     emb = np.load(embeddings) if not isinstance(embeddings, np.ndarray) else embeddings
     if emb.ndim != 2 or not np.isfinite(emb).all():
         raise ParameterError(f"--embeddings {str(embeddings)!r} must be a finite (N, D) array")
-    corpus = parse_lines(open(words, encoding="utf-8").read().splitlines(), str(words))
+    lines = open(words, encoding="utf-8").read().splitlines()
+    if pos is not None:
+        lines = [line if "\t" in line or not line.strip() else f"{line}\t{pos}"
+                 for line in lines]
+    corpus = parse_lines(lines, str(words))
     if len(corpus) != len(emb):
         raise ParameterError(f"--words {str(words)!r} has {len(corpus)} words but "
                              f"--embeddings has {len(emb)} rows")

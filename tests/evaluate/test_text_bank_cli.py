@@ -94,6 +94,11 @@ def test_text_bank_import_and_errors(tmp_path):
     assert tb.attrs["model"] == "m" and tb.attrs["kind"] == "text-bank"
     (tmp_path / "w2.txt").write_text("x\ny\n")
     res = runner.invoke(cli, ["text-bank", "import", "--embeddings", str(tmp_path / "e.npy"),
+                              "--words", str(tmp_path / "w.txt"), "--pos", "a", "--out",
+                              out + "4"])
+    assert res.exit_code == 0, res.output
+    assert TextBank(out + "4").pos.tolist() == [0, 1, 1]  # --pos fills only the bare word
+    res = runner.invoke(cli, ["text-bank", "import", "--embeddings", str(tmp_path / "e.npy"),
                               "--words", str(tmp_path / "w2.txt"), "--out", out + "2"])
     assert res.exit_code == 2 and "has 2 words but --embeddings has 3 rows" in res.output
     res = runner.invoke(cli, ["text-bank", "--model", "npos-tiny", "--out", out + "3"])
