@@ -34,8 +34,10 @@ def command(out: str, model: str, pretrained: str, device: str, seed: int, epoch
     Compares the zero-shot encoder (MCM, KNN), a head trained with NPOS synthesis, and the
     same head trained without synthesis (--ood-weight 0). Reports go to OUT/reports/.
     """
+    from npos.atomic import check_writable
     from npos.demo import prepare_demo_folder, run_demo, summary_table
 
+    check_writable(out, "demo folder")  # before any work (its stores and reports lock)
     prepare_demo_folder(out)
     if pretrained.lower() == "none":
         get_logger("npos.demo").warning(

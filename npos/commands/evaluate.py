@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from npos.commands._common import output
 from npos.commands._scoring_options import scoring_options
 
 
@@ -34,9 +35,10 @@ def command(id_store, ood, head, train, scores, knn_k, knn_backend, mcm_temperat
                            mcm_temperature=mcm_temperature, device=device,
                            batch_size=batch_size)
     check_report_dir(out, overwrite=overwrite)
-    result = evaluate(id_store, ood_stores, config, head=head, train=train,
-                      progress=sys.stderr.isatty())
-    write_report(result, out, overwrite=overwrite)
+    with output(out, "report folder"):
+        result = evaluate(id_store, ood_stores, config, head=head, train=train,
+                          progress=sys.stderr.isatty())
+        write_report(result, out, overwrite=overwrite)
     click.echo(main_table(result))
     acc = result.id_accuracy
     click.echo(f"ID accuracy: {100 * acc:.2f} %" if acc is not None else "ID accuracy: n/a")

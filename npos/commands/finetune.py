@@ -9,6 +9,7 @@ from dataclasses import fields
 import click
 
 from npos.commands import train_head as _train_head
+from npos.commands._common import output
 from npos.log import get_logger
 
 #: train-head's parameters that finetune does not take over: its input and output, its
@@ -71,10 +72,12 @@ def command(train_store: str, out: str, model: str, pretrained: str | None,
                              synthesis=synthesis_config_from_options(options))
     config = FinetuneConfig(tail_lr_scale=tail_lr_scale, window_rows=shuffle_window,
                             embed_batch_size=embed_batch_size)
-    result = finetune(train_store, out, model=model, pretrained=pretrained,
-                      head_config=head_config, config=config, embed=parse_embed_specs(embed),
-                      device=device, overwrite=overwrite, resume=resume,
-                      progress=progress, log=get_logger("npos.finetune").info)
+    with output(out, "output folder"):
+        result = finetune(train_store, out, model=model, pretrained=pretrained,
+                          head_config=head_config, config=config,
+                          embed=parse_embed_specs(embed), device=device, overwrite=overwrite,
+                          resume=resume, progress=progress,
+                          log=get_logger("npos.finetune").info)
     last = result.history[-1] if result.history else None
     click.echo(f"wrote {result.out_dir}: tail {result.tail['fingerprint']['pretrained']!r}"
                + (f", train accuracy {last['accuracy']:.4f}" if last else ""))

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from npos.commands._common import output
 from npos.commands._scoring_options import scoring_options
 
 
@@ -27,7 +28,8 @@ def command(store, head, train, scores, knn_k, knn_backend, mcm_temperature, dev
     config = ScoringConfig(scores=scores, knn_k=knn_k, knn_backend=knn_backend,
                            mcm_temperature=mcm_temperature, device=device,
                            batch_size=batch_size)
-    summary = score_store(store, out, config, head=head, train=train, overwrite=overwrite,
-                          progress=sys.stderr.isatty())
+    with output(out, "store" if out.rstrip("/").endswith(".zarr") else "score file"):
+        summary = score_store(store, out, config, head=head, train=train,
+                              overwrite=overwrite, progress=sys.stderr.isatty())
     if summary.rank == 0:
         click.echo(str(summary))

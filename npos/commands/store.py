@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from npos.commands._common import EXIT_CHECK_FAILED
+from npos.commands._common import EXIT_CHECK_FAILED, output
 
 
 @click.group("store")
@@ -101,10 +101,11 @@ def import_(embeddings, labels, ids, class_names, text_embeddings, model, out, d
     """Import embeddings computed elsewhere into a new store."""
     from npos.store import import_embeddings
 
-    store = import_embeddings(
-        embeddings, out, labels=labels, ids=ids, class_names=class_names,
-        text_embeddings=text_embeddings, model=model, dtype=dtype, chunk_rows=chunk_rows,
-        overwrite=overwrite, progress=sys.stderr.isatty())
+    with output(out, "store"):
+        store = import_embeddings(
+            embeddings, out, labels=labels, ids=ids, class_names=class_names,
+            text_embeddings=text_embeddings, model=model, dtype=dtype, chunk_rows=chunk_rows,
+            overwrite=overwrite, progress=sys.stderr.isatty())
     info = store.info()
     click.echo(f"wrote {out}: {info['rows']} rows x {info['dim']} ({info['dtype']}), "
                f"{info['classes'] or 0} classes, {info['chunks_total']} chunks")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from npos.commands._common import device_option
+from npos.commands._common import device_option, output
 from npos.commands._synthesis_options import synthesis_config_from_options, synthesis_options
 
 
@@ -33,12 +33,14 @@ def command(features, out, seed, device, stats_only, overwrite, **options) -> No
         if not out:
             raise click.UsageError("--out is required (or pass --stats-only)")
         check_output(out, overwrite=overwrite)
-    source = FeatureStore.open(features, kinds=KINDS, what="synthesize")
-    offline = synthesize_store(source, config, queue=options["queue"], seed=seed, device=device)
-    for line in offline.format_summary():
-        click.echo(line)
-    if stats_only:
-        click.echo("--stats-only: nothing written")
-        return
-    store = write_outliers(offline, out, source=source, overwrite=overwrite)
+    with output(None if stats_only else out, "store"):
+        source = FeatureStore.open(features, kinds=KINDS, what="synthesize")
+        offline = synthesize_store(source, config, queue=options["queue"], seed=seed,
+                                   device=device)
+        for line in offline.format_summary():
+            click.echo(line)
+        if stats_only:
+            click.echo("--stats-only: nothing written")
+            return
+        store = write_outliers(offline, out, source=source, overwrite=overwrite)
     click.echo(f"wrote {out}: {store.n_rows} outliers x {store.dim}")

@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import click
 
-from npos.commands._common import device_option
+from npos.commands._common import device_option, output
 from npos.commands._synthesis_options import synthesis_config_from_options, synthesis_options
 from npos.log import get_logger
 
@@ -89,9 +89,10 @@ def command(features: str, out: str, val: str | None, device: str, resume: bool,
     names = {f.name for f in fields(HeadConfig)}
     config = HeadConfig(**{k: v for k, v in options.items() if k in names},
                         synthesis=synthesis)
-    result = train_head(features, out, config, val=val, device=device, resume=resume,
-                        overwrite=overwrite, progress=sys.stderr.isatty(),
-                        log=get_logger("npos.train_head").info)
+    with output(out, "head"):
+        result = train_head(features, out, config, val=val, device=device, resume=resume,
+                            overwrite=overwrite, progress=sys.stderr.isatty(),
+                            log=get_logger("npos.train_head").info)
     last = result.history[-1]
     click.echo(f"wrote {out}: {config.epochs} epochs, train accuracy {last['accuracy']:.4f}"
                + (f", val accuracy {last['val_accuracy']:.4f}"

@@ -27,6 +27,7 @@ Every array carries Zarr v3 ``dimension_names`` (``row``, ``dim``, ``class``, ``
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 import os
 import weakref
@@ -37,6 +38,7 @@ import numpy as np
 import zarr
 
 from npos import __version__
+from npos.atomic import writing
 from npos.errors import (IncompatibleStoreError, ParameterError, StoreError, StoreExistsError,
                          StoreNotFoundError)
 from npos.store.chunks import MARKER, WRITE_CONFIG, ChunkFiles
@@ -118,6 +120,16 @@ def _jsonable(value: Any) -> Any:
 def _is_string(dtype: Any) -> bool:
     return dtype is str or isinstance(dtype, np.dtypes.StringDType) or \
         np.dtype(dtype).kind in "OUT"
+
+
+def _writes(method):
+    """An OS error while the method writes the store names the store (see
+    :func:`npos.atomic.writing`), never a chunk's temporary file."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with writing(self.url, "store"):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 def _describe_mismatch(key: str, stored: Any, wanted: Any) -> str:
@@ -212,10 +224,11 @@ class FeatureStore(ChunkFiles):
         _refuse_foreign_path(str(url))
         lock = WriterLock(str(url)).acquire()  # before anything is read, replaced or written
         try:
-            return cls._create_locked(url, lock, n_rows=n_rows, dim=dim, dtype=dtype,
-                                      chunk_rows=chunk_rows, kind=kind,
-                                      class_names=class_names, attrs=attrs,
-                                      overwrite=overwrite, resume=resume)
+            with writing(str(url), "store"):
+                return cls._create_locked(url, lock, n_rows=n_rows, dim=dim, dtype=dtype,
+                                          chunk_rows=chunk_rows, kind=kind,
+                                          class_names=class_names, attrs=attrs,
+                                          overwrite=overwrite, resume=resume)
         except BaseException:
             lock.release()
             raise
@@ -226,7 +239,7 @@ class FeatureStore(ChunkFiles):
         if store_exists(url) and not overwrite:
             if not resume:
                 raise StoreExistsError(
-                    f"{str(url)!r} already exists; pass --overwrite (overwrite=True) to replace it")
+                    f"{str(url)!r} already exists; pass --overwrite to replace it")
             store = cls(_open_group(url, "r+"), url, writable=True, lock=lock)
             wanted = {"n_rows": n_rows, "dim": dim, "dtype": dtype, "chunk_rows": chunk_rows,
                       "kind": kind, "class_names": class_names,
@@ -321,6 +334,7 @@ class FeatureStore(ChunkFiles):
         """The group attributes, as a plain dict (a copy)."""
         return dict(self._group.attrs)
 
+    @_writes
     def update_attrs(self, **values: Any) -> None:
         """Set group attributes (e.g. the ``failed`` list after extraction)."""
         self._require_writable()
@@ -419,6 +433,7 @@ class FeatureStore(ChunkFiles):
         if not self.writable:
             raise StoreError(f"store {self.url!r} is open read-only")
 
+    @_writes
     def add_array(self, name: str, row_shape: Sequence[int], dtype: str, *,
                   fill_value: Any = None, chunk_rows: int | None = None,
                   dimension_names: Sequence[str] | None = None) -> zarr.Array:
@@ -461,6 +476,7 @@ class FeatureStore(ChunkFiles):
                                     dtype=arr.dtype)
         return arr
 
+    @_writes
     def set_array(self, name: str, data: np.ndarray) -> None:
         """Write a whole non-row array such as ``text_embeddings`` (C, D) in one go."""
         self._require_writable()
@@ -476,6 +492,7 @@ class FeatureStore(ChunkFiles):
             dimension_names=_dimension_names(name, data.ndim, rows=False), config=WRITE_CONFIG)
         arr[...] = data
 
+    @_writes
     def write_chunk(self, index: int, **arrays: np.ndarray) -> None:
         """Write the rows of chunk ``index`` to the given row-aligned arrays, then mark it done.
 
@@ -505,6 +522,7 @@ class FeatureStore(ChunkFiles):
             self._row_names = [n for n in self._group.array_keys() if self.is_row_array(n)]
         return self._row_names
 
+    @_writes
     def mark_undone(self, chunks: Sequence[int]) -> None:
         """Clear the ``done`` flag of ``chunks`` so the next run writes them again (repair)."""
         self._require_writable()

@@ -16,7 +16,7 @@ from npos.settings import settings_record
 from npos.store import IDENTITY_KEYS, FeatureStore, store_exists
 from npos.synthesize.config import SynthesisConfig
 from npos.synthesize.engine import SynthesisResult, SynthesisStats, synthesize
-from npos.validation import check_int
+from npos.validation import check_int, parameter_error
 
 #: Attributes copied from the source store so that the outliers store has its fingerprint.
 #: The source's identity (so fingerprints match) and token layer travel to the outliers store.
@@ -217,7 +217,7 @@ def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queu
         :data:`KINDS`), or lost a chunk file.
     """
     check_int("queue", queue, 2)
-    config.validate(bank_size=queue)
+    config.validate(bank_size=queue, bank_name="queue")
     if not isinstance(store, FeatureStore):
         store = FeatureStore.open(store)
     store.check_kind(KINDS, what="synthesize")
@@ -231,9 +231,10 @@ def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queu
     banks = class_banks(embeddings, labels, queue, generator=generator, num_classes=len(names))
     if banks.classes.numel() == 0:
         largest = max(banks.counts.values(), default=0)
-        raise ParameterError(
+        raise parameter_error(
             f"no class of {store.url!r} has at least --queue={queue} rows (the largest has "
-            f"{largest}); lower --queue")
+            f"{largest}).", params=("queue",), reason=f"the largest class has {largest} rows",
+            suggestion={"queue": largest, **config.fitting(largest)} if largest >= 2 else None)
     result = synthesize(banks.banks.to(device), config, generator=generator,
                         memory_budget=memory_budget, return_stats=True)
     # positions in the stacked banks -> class ids; everything back on the CPU
