@@ -45,6 +45,8 @@ from npos.store.chunks import MARKER, WRITE_CONFIG, ChunkFiles
 from npos.store.lock import WriterLock
 
 SCHEMA = "npos.features/1"
+#: The only attribute of a store while :meth:`FeatureStore.create` writes it.
+CREATING = "npos_creating"
 KINDS = ("features", "outliers", "scores")
 EMBEDDING_DTYPES = ("float16", "float32")
 #: Attributes that identify the encoder and preprocessing behind a store. Two stores (or a
@@ -83,17 +85,28 @@ def _open_group(url: str, mode: str) -> zarr.Group:
 
 
 def store_exists(url: str) -> bool:
-    """True when a Zarr group (of any kind) exists at ``url``."""
+    """True when a Zarr group (of any kind) exists at ``url``; a store whose creation
+    stopped before it was set up (:data:`CREATING`) does not count: it is created again."""
     try:
-        _open_group(url, "r")
+        group = _open_group(url, "r")
     except StoreNotFoundError:
         return False
-    return True
+    return dict(group.attrs).get(CREATING) is not True
+
+
+def _unfinished(url: str) -> bool:
+    """A group whose creation by npos stopped before its attributes were written."""
+    try:
+        return dict(_open_group(url, "r").attrs).get(CREATING) is True
+    except StoreNotFoundError:
+        return False
 
 
 def _refuse_foreign_path(url: str) -> None:
     """Creating a store empties its location: never do that to something that is not an
     npos store (a file, a non-empty folder, another Zarr group), ``overwrite`` or not."""
+    if _unfinished(url):
+        return
     if store_exists(url):
         schema = dict(_open_group(url, "r").attrs).get("schema")
         if schema != SCHEMA:
@@ -253,7 +266,10 @@ class FeatureStore(ChunkFiles):
                         "pass --overwrite to start over")
             return store
 
-        group = zarr.open_group(str(url), mode="w")  # mode "w" first removes an old store
+        # Mode "w" first removes an old store. Until the attributes are written in one put at
+        # the end, the group says it is being created: a creation stopped half way (a full
+        # disk, kill -9) is then simply redone, never read as a store.
+        group = zarr.open_group(str(url), mode="w", attributes={CREATING: True})
         n_chunks = math.ceil(n_rows / chunk_rows)
         for name, shape, chunks, arr_dtype, fill in (
                 ("embeddings", (n_rows, dim), (chunk_rows, dim), dtype, float("nan")),
@@ -263,7 +279,7 @@ class FeatureStore(ChunkFiles):
             group.create_array(name, shape=shape, chunks=chunks, dtype=arr_dtype,
                                fill_value=fill, dimension_names=DIMENSION_NAMES[name],
                                config=WRITE_CONFIG)
-        group.attrs.update({
+        group.attrs.put({
             **attrs,
             "schema": SCHEMA,
             "kind": kind,
@@ -338,7 +354,9 @@ class FeatureStore(ChunkFiles):
     def update_attrs(self, **values: Any) -> None:
         """Set group attributes (e.g. the ``failed`` list after extraction)."""
         self._require_writable()
-        self._group.attrs.update(_jsonable(values))
+        # One put of the whole attribute set: zarr's attrs.update writes once per key, so a
+        # fault half way would leave some keys written and others not.
+        self._group.attrs.put({**self.attrs, **_jsonable(values)})
 
     @property
     def n_rows(self) -> int:
