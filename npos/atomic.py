@@ -180,7 +180,11 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool, directory: bool,
             if path.exists() or path.is_symlink():
                 old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
                 os.replace(path, old)
-                os.replace(target, path)
+                try:
+                    os.replace(target, path)
+                except BaseException:
+                    os.replace(old, path)  # the old output stays what it was
+                    raise
                 _remove(old)
             else:
                 os.replace(target, path)

@@ -34,8 +34,8 @@ def command(id_store, ood, head, train, scores, knn_k, knn_backend, mcm_temperat
     config = ScoringConfig(scores=scores, knn_k=knn_k, knn_backend=knn_backend,
                            mcm_temperature=mcm_temperature, device=device,
                            batch_size=batch_size)
-    check_report_dir(out, overwrite=overwrite)
     with output(out, "report folder"):
+        check_report_dir(out, overwrite=overwrite)
         result = evaluate(id_store, ood_stores, config, head=head, train=train,
                           progress=sys.stderr.isatty())
         write_report(result, out, overwrite=overwrite)
