@@ -109,11 +109,15 @@ def run(*args: str):
 
 def assert_one_line_error(result, *needles: str) -> str:
     """Exit code 2, no traceback, exactly one ``Error:`` line holding every needle and no
-    temporary name; returns that line."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.output
+    temporary name; returns that line. ``result``: click's Result or a CompletedProcess."""
+    if hasattr(result, "exit_code"):
+        code, output = result.exit_code, result.output
+    else:
+        code, output = result.returncode, result.stderr
+    assert code == 2, output
+    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, output
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert not TEMP_NAME.search(lines[0]), lines[0]

@@ -110,16 +110,6 @@ def _npos_subprocess(args, *, fsize: int | None = None, **kwargs):
                           **kwargs)
 
 
-def _one_line(proc, *needles: str) -> str:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
-
-
 @pytest.mark.slow
 def test_file_size_limit_is_one_line(world, tmp_path, cli_checks):
     """ulimit -f 8 KiB: the probe (4 KiB) passes, the head's first checkpoint and the report's
@@ -127,12 +117,13 @@ def test_file_size_limit_is_one_line(world, tmp_path, cli_checks):
     head = tmp_path / "head"
     proc = _npos_subprocess(["train-head", world["train"], *cli_checks.HEAD_ARGS, "--epochs",
                              "2", "--out", head], fsize=8192)
-    _one_line(proc, f"cannot write checkpoint '{head}.partial' (train-head --out): "
-                    "File too large")
+    cli_checks.assert_one_line_error(
+        proc, f"cannot write checkpoint '{head}.partial' (train-head --out): File too large")
     report = tmp_path / "report"
     proc = _npos_subprocess(["evaluate", "--id", world["test"], "--ood",
                              f"held={world['ood/held-out']}", "--out", report], fsize=8192)
-    _one_line(proc, f"cannot write report folder '{report}' (evaluate --out): File too large")
+    cli_checks.assert_one_line_error(proc, f"cannot write report folder '{report}' (evaluate "
+                                           "--out): File too large")
     assert not head.exists() and not report.exists()
     assert cli_checks.no_temporaries(tmp_path) == []
 
