@@ -19,7 +19,6 @@ go through the ``npos`` logger to stderr (:mod:`npos.log`; ``-q`` / ``-v``).
 from __future__ import annotations
 
 import signal
-import sys
 
 import click
 
@@ -126,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()
