@@ -54,8 +54,9 @@ def parameter_error(text: str = "", *, violations: Sequence[Violation] = (),
     if suggestion:
         tried = ", ".join(f"{name}={value!r}" for name, value in suggestion.items())
         message += f" {reason[:1].upper()}{reason[1:]}: try {tried}."
-    return ParameterError(message, text=text, params=tuple(params), violations=violations,
-                          suggestion=suggestion, reason=reason)
+    return ParameterError(message, text=text, params=tuple(params),
+                          violations=tuple(violations),
+                          suggestion=dict(suggestion) if suggestion else None, reason=reason)
 
 
 def _fail(name: str, value: Any, expected: str, owner: str | None, why: str) -> NoReturn:

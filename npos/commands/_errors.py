@@ -112,9 +112,9 @@ def _translate(text: str, names, cmd: click.Context | None, *, bare: bool = Fals
         flag = _flag_of(param)
         quoted = re.escape(repr(name))
         text = re.sub(rf"The {quoted} parameter(?: of [\w-]+)?", flag, text)
+        default = "" if cmd is None or _typed(cmd, param) else " (default)"
         text = re.sub(rf"(?<![\w-])(?:{quoted}|{re.escape(name)})=(\S+?)(?=[,;:.)]?(?:\s|$))",
-                      lambda m: f"{flag} {m.group(1)}"
-                      + ("" if cmd is None or _typed(cmd, param) else " (default)"), text)
+                      rf"{flag} \1{default}", text)
         text = re.sub(quoted, flag, text)
         if bare or "_" in name:
             text = re.sub(rf"(?<![\w'-]){re.escape(name)}(?![\w'])", flag, text)
@@ -123,7 +123,7 @@ def _translate(text: str, names, cmd: click.Context | None, *, bare: bool = Fals
 
 def _violation(cmd: click.Context | None, v) -> str:
     param = _param(cmd, v.name, v.owner)
-    if param is None:
+    if param is None or cmd is None:
         return v.message()
     names = [p.name for p in cmd.command.params if p.name]
     why = _translate(v.why, names, cmd, bare=True)

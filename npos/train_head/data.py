@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from npos.errors import StoreError
+from npos.errors import ParameterError, StoreError
 from npos.log import get_logger
 from npos.train_head.config import HeadConfig
 from npos.train_head.model import HeadModel

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
+from benchmarks.feature_world import make_feature_world, write_world
 from npos.cli import cli
 from npos.store import FeatureStore
-from npos.train_head.benchmark_data import make_feature_world, write_world
 
 #: Names npos or zarr give temporary files; none may appear in a message or stay behind.
 TEMP_NAME = re.compile(r"\.tmp-|\.old-|\.probe-|\.[0-9a-f]{32}\.partial")

@@ -60,7 +60,7 @@ def test_train_head_disk_full_mid_run_then_resume(world, tmp_path, monkeypatch, 
     # Epoch 1's state is written (1 replace); epoch 2's replaces it (old aside, new in place):
     # the disk is full at that second step, so epoch 1's state must stay in place.
     monkeypatch.setattr(npos.atomic, "os", _FailingOs(at=3))
-    line = c.assert_one_line_error(c.run(*args, "--out", out),
+    c.assert_one_line_error(c.run(*args, "--out", out),
                                    f"cannot write checkpoint '{out}.partial' (train-head --out)"
                                    ": No space left on device", "re-run with --resume")
     monkeypatch.undo()

@@ -79,8 +79,8 @@ def test_synthesize_disk_full_then_overwrite(faulty, cli_checks, world, tmp_path
         return (["synthesize", world["train"], "--queue", "30", "--k", "10", "--select", "20",
                  "--candidates", "50", "--seed", "3", "--device", "cpu", "--out", url], url)
 
-    line = _fault_then_rerun(faulty, cli_checks, args, code=errno.ENOSPC, rerun_extra=["--overwrite"],
-                             flag="synthesize --out")
+    line = _fault_then_rerun(faulty, cli_checks, args, code=errno.ENOSPC,
+                             rerun_extra=["--overwrite"], flag="synthesize --out")
     assert "--overwrite" in line
 
 
@@ -99,8 +99,8 @@ def test_fault_at_the_probe_stops_before_any_work(faulty, cli_checks, world, tmp
     without a resume hint; nothing is created."""
     url = f"faulty://{tmp_path}/o.zarr"
     faulty.fail(errno.EROFS, after_writes=0)
-    result = cli_checks.run("synthesize", world["train"], "--queue", "30", "--k", "10", "--select", "20",
-                 "--candidates", "50", "--out", url)
+    result = cli_checks.run("synthesize", world["train"], "--queue", "30", "--k", "10",
+                            "--select", "20", "--candidates", "50", "--out", url)
     line = cli_checks.assert_one_line_error(
         result, f"cannot write store '{url}' (synthesize --out): "
                                          "Read-only file system")
