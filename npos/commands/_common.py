@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
@@ -27,27 +26,6 @@ class Interrupted(UserError):
     """Ctrl-C: one line saying how to resume, exit code 130."""
 
     exit_code = EXIT_INTERRUPTED
-
-
-@contextmanager
-def output(path: str | None, what: str, *, lock: bool = True) -> Iterator[None]:
-    """Before any work: check that output ``path`` can be created and written (missing
-    parent folders are created, a small probe file is written and deleted:
-    :func:`npos.atomic.check_writable`); then hold its writer lock
-    (:class:`~npos.store.lock.WriterLock`) while the command runs. Every command that writes
-    wraps its work in this, so all of them treat outputs the same way."""
-    from npos.atomic import check_writable
-    from npos.store.lock import WriterLock
-
-    if path is None:
-        yield
-        return
-    check_writable(path, what)
-    if not lock:
-        yield
-        return
-    with WriterLock(path, what=what):
-        yield
 
 
 def not_available(name: str) -> None:

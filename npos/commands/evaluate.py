@@ -6,7 +6,6 @@ import sys
 
 import click
 
-from npos.commands._common import output
 from npos.commands._scoring_options import scoring_options
 
 
@@ -27,6 +26,7 @@ def command(id_store, ood, head, train, scores, knn_k, knn_backend, mcm_temperat
     Writes REPORT_DIR/metrics.json (fractions), report.md (percentages) and PNG plots, and
     prints the summary table. All stores (and the head) must come from the same encoder.
     """
+    from npos.atomic import check_writable
     from npos.evaluate import ScoringConfig, check_report_dir, evaluate, main_table, \
         parse_ood_specs, write_report
 
@@ -34,11 +34,11 @@ def command(id_store, ood, head, train, scores, knn_k, knn_backend, mcm_temperat
     config = ScoringConfig(scores=scores, knn_k=knn_k, knn_backend=knn_backend,
                            mcm_temperature=mcm_temperature, device=device,
                            batch_size=batch_size)
-    with output(out, "report folder"):
-        check_report_dir(out, overwrite=overwrite)
-        result = evaluate(id_store, ood_stores, config, head=head, train=train,
-                          progress=sys.stderr.isatty())
-        write_report(result, out, overwrite=overwrite)
+    check_writable(out, "report folder")  # before any work: parents created, a probe written
+    check_report_dir(out, overwrite=overwrite)
+    result = evaluate(id_store, ood_stores, config, head=head, train=train,
+                      progress=sys.stderr.isatty())
+    write_report(result, out, overwrite=overwrite)
     click.echo(main_table(result))
     acc = result.id_accuracy
     click.echo(f"ID accuracy: {100 * acc:.2f} %" if acc is not None else "ID accuracy: n/a")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from npos.commands._common import device_option, output
+from npos.commands._common import device_option
 from npos.store import DEFAULT_CHUNK_ROWS
 
 #: Default of --max-failed (npos.extract.extraction.DEFAULT_MAX_FAILED; not imported from
@@ -71,15 +71,16 @@ def command(data, out, model, pretrained, batch_size, workers, device, dtype, to
     rank takes its share of the chunks. Re-running the same command resumes an interrupted
     run and repairs a damaged store (chunks that lost a file are encoded again).
     """
+    from npos.atomic import check_writable
     from npos.extract import FeatureExtractor
 
-    with output(out, "store"):
-        extractor = FeatureExtractor(
-            model=model, pretrained=pretrained, batch_size=batch_size, workers=workers,
-            device=device, dtype=dtype, tokens_layer=tokens_layer, classes=classes,
-            class_names=class_names, templates=templates, unlabeled=unlabeled,
-            on_error=on_error, max_failed=max_failed, chunk_rows=chunk_rows, seed=seed,
-            overwrite=overwrite).run(data, out)
+    check_writable(out, "store")  # before any work: parents created, a probe written
+
+    extractor = FeatureExtractor(
+        model=model, pretrained=pretrained, batch_size=batch_size, workers=workers,
+        device=device, dtype=dtype, tokens_layer=tokens_layer, classes=classes,
+        class_names=class_names, templates=templates, unlabeled=unlabeled, on_error=on_error,
+        max_failed=max_failed, chunk_rows=chunk_rows, seed=seed, overwrite=overwrite).run(data, out)
     stats, store = extractor.stats_, extractor.store_
     run = (f"{stats.rows} rows encoded ({stats.failed} failed) in {stats.seconds:.1f} s, "
            f"{stats.images_per_second:.1f} images/s" if stats.rows else "nothing left to encode")

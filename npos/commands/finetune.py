@@ -9,7 +9,6 @@ from dataclasses import fields
 import click
 
 from npos.commands import train_head as _train_head
-from npos.commands._common import output
 from npos.log import get_logger
 
 #: train-head's parameters that finetune does not take over: its input and output, its
@@ -64,6 +63,7 @@ def command(train_store: str, out: str, model: str, pretrained: str | None,
     synthesis). Writes OUT/tail.safetensors (+ tail.json), OUT/head/ (usable by 'npos
     evaluate --head') and OUT/NAME.zarr for every --embed NAME=STORE.
     """
+    from npos.atomic import check_writable
     from npos.commands._common import UserError
     from npos.commands._synthesis_options import synthesis_config_from_options
     from npos.finetune import FinetuneConfig, finetune, parse_embed_specs
@@ -73,18 +73,17 @@ def command(train_store: str, out: str, model: str, pretrained: str | None,
         # Offline outliers live in the frozen embedding space, which the tail moves.
         raise UserError("finetune synthesizes online (the tail moves the embedding space): "
                         "--outliers is for 'npos train-head' only; drop it")
+    check_writable(out, "fine-tuning output folder")  # before any work (parents, a probe)
 
     names = {f.name for f in fields(HeadConfig)}
     head_config = HeadConfig(**{k: v for k, v in options.items() if k in names},
                              synthesis=synthesis_config_from_options(options))
     config = FinetuneConfig(tail_lr_scale=tail_lr_scale, window_rows=shuffle_window,
                             embed_batch_size=embed_batch_size)
-    with output(out, "output folder"):
-        result = finetune(train_store, out, model=model, pretrained=pretrained,
-                          head_config=head_config, config=config,
-                          embed=parse_embed_specs(embed), device=device, overwrite=overwrite,
-                          resume=resume, progress=progress,
-                          log=get_logger("npos.finetune").info)
+    result = finetune(train_store, out, model=model, pretrained=pretrained,
+                      head_config=head_config, config=config, embed=parse_embed_specs(embed),
+                      device=device, overwrite=overwrite, resume=resume,
+                      progress=progress, log=get_logger("npos.finetune").info)
     last = result.history[-1] if result.history else None
     click.echo(f"wrote {result.out_dir}: tail {result.tail['fingerprint']['pretrained']!r}"
                + (f", train accuracy {last['accuracy']:.4f}" if last else ""))

@@ -6,7 +6,6 @@ import sys
 
 import click
 
-from npos.commands._common import output
 from npos.commands._scoring_options import scoring_options
 
 
@@ -23,13 +22,15 @@ def command(store, head, train, scores, knn_k, knn_backend, mcm_temperature, dev
     Rows keep the store's ids and order. Runs under torchrun: each rank scores batches
     rank, rank+W, ...; rank 0 writes csv/parquet, every rank writes its zarr chunks.
     """
+    from npos.atomic import check_writable
     from npos.evaluate import ScoringConfig, score_store
+
+    check_writable(out, "store" if out.rstrip("/").endswith(".zarr") else "score file")
 
     config = ScoringConfig(scores=scores, knn_k=knn_k, knn_backend=knn_backend,
                            mcm_temperature=mcm_temperature, device=device,
                            batch_size=batch_size)
-    with output(out, "store" if out.rstrip("/").endswith(".zarr") else "score file"):
-        summary = score_store(store, out, config, head=head, train=train,
-                              overwrite=overwrite, progress=sys.stderr.isatty())
+    summary = score_store(store, out, config, head=head, train=train, overwrite=overwrite,
+                          progress=sys.stderr.isatty())
     if summary.rank == 0:
         click.echo(str(summary))

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from npos.commands._common import EXIT_CHECK_FAILED, output
+from npos.commands._common import EXIT_CHECK_FAILED
 
 
 @click.group("store")
@@ -103,13 +103,15 @@ def verify(store: str, no_values: bool) -> None:
 def import_(embeddings, labels, ids, class_names, text_embeddings, model, pretrained, out,
             dtype, chunk_rows, overwrite) -> None:
     """Import embeddings computed elsewhere into a new store."""
+    from npos.atomic import check_writable
     from npos.store import import_embeddings
 
-    with output(out, "store"):
-        store = import_embeddings(
-            embeddings, out, labels=labels, ids=ids, class_names=class_names,
-            text_embeddings=text_embeddings, model=model, pretrained=pretrained, dtype=dtype,
-            chunk_rows=chunk_rows, overwrite=overwrite, progress=sys.stderr.isatty())
+    check_writable(out, "store")  # before any work: parents created, a probe written
+
+    store = import_embeddings(
+        embeddings, out, labels=labels, ids=ids, class_names=class_names,
+        text_embeddings=text_embeddings, model=model, pretrained=pretrained, dtype=dtype,
+        chunk_rows=chunk_rows, overwrite=overwrite, progress=sys.stderr.isatty())
     info = store.info()
     click.echo(f"wrote {out}: {info['rows']} rows x {info['dim']} ({info['dtype']}), "
                f"{info['classes'] or 0} classes, {info['chunks_total']} chunks")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from npos.commands._common import device_option, output
+from npos.commands._common import device_option
 from npos.commands._synthesis_options import synthesis_config_from_options, synthesis_options
 
 
@@ -44,6 +44,7 @@ def command(features, out, bank, scope, count, memory_budget, seed, device, stat
     quantiles of the K-th-NN distance of bank points, boundary points and kept outliers, and
     the share of candidates that landed farther out than their source point.
     """
+    from npos.atomic import check_writable
     from npos.evaluate.batching import Distributed
     from npos.store import FeatureStore
     from npos.synthesize.offline import KINDS, check_output, synthesize_store
@@ -56,15 +57,15 @@ def command(features, out, bank, scope, count, memory_budget, seed, device, stat
         if not out:
             raise click.UsageError("--out is required (or pass --stats-only)")
         check_output(out, overwrite=overwrite)
-    with output(None if stats_only else out, "store"):
-        source = FeatureStore.open(features, kinds=KINDS, what="synthesize")
-        with Distributed(device) as group:
-            offline = synthesize_store(source, config, queue=options["queue"], seed=seed,
-                                       device=group.device, memory_budget=budget, bank=bank,
-                                       scope=scope, count=count,
-                                       ranks=Ranks(group.rank, group.world))
-            if group.rank != 0:  # rank 0 reports and writes
-                return
+        check_writable(out, "store")  # before any work: parents created, a probe written
+    source = FeatureStore.open(features, kinds=KINDS, what="synthesize")
+    with Distributed(device) as group:
+        offline = synthesize_store(source, config, queue=options["queue"], seed=seed,
+                                   device=group.device, memory_budget=budget, bank=bank,
+                                   scope=scope, count=count,
+                                   ranks=Ranks(group.rank, group.world))
+        if group.rank != 0:  # rank 0 reports and writes
+            return
         for line in offline.format_summary():
             click.echo(line)
         if stats_only:

@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import click
 
-from npos.commands._common import device_option, output
+from npos.commands._common import device_option
 from npos.commands._synthesis_options import synthesis_config_from_options, synthesis_options
 from npos.log import get_logger
 
@@ -89,17 +89,19 @@ def command(features: str, out: str, outliers: str | None, outliers_per_step: in
     synthesis options are those of 'npos synthesize'), or drawn from a pre-synthesized
     --outliers store. Writes OUT/model.safetensors and OUT/config.json.
     """
+    from npos.atomic import check_writable
     from npos.train_head import HeadConfig, train_head
+
+    check_writable(out, "head")  # before any work: parents created, a probe written
 
     synthesis = synthesis_config_from_options(options)
     names = {f.name for f in fields(HeadConfig)}
     config = HeadConfig(**{k: v for k, v in options.items() if k in names},
                         synthesis=synthesis)
-    with output(out, "head"):
-        result = train_head(features, out, config, val=val, device=device, resume=resume,
-                            overwrite=overwrite, progress=sys.stderr.isatty(),
-                            log=get_logger("npos.train_head").info, outliers=outliers,
-                            outliers_per_step=outliers_per_step)
+    result = train_head(features, out, config, val=val, device=device, resume=resume,
+                        overwrite=overwrite, progress=sys.stderr.isatty(),
+                        log=get_logger("npos.train_head").info, outliers=outliers,
+                        outliers_per_step=outliers_per_step)
     last = result.history[-1]
     click.echo(f"wrote {out}: {config.epochs} epochs, train accuracy {last['accuracy']:.4f}"
                + (f", val accuracy {last['val_accuracy']:.4f}"
