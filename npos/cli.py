@@ -6,7 +6,11 @@ Exit codes (the same for every command):
 * ``1`` — the command ran but found a problem it was asked to look for
   (``npos store verify`` on a damaged store);
 * ``2`` — an error: bad usage, bad input, missing file, refused overwrite, a bad ``--config``
-  file. The message is one line on stderr; ``npos --debug ...`` shows the traceback instead.
+  file, an output that cannot be written (disk full, read-only, file too large, I/O error, no
+  permission: checked before any work where possible). The message is one line on stderr
+  naming the user's flags and paths (:mod:`npos.commands._errors`); ``npos --debug ...``
+  shows the traceback instead;
+* ``130`` — interrupted (Ctrl-C); the line says how to resume.
 
 Every command takes ``--config FILE.toml`` (:mod:`npos.config_file`); messages about the work
 go through the ``npos`` logger to stderr (:mod:`npos.log`; ``-q`` / ``-v``).
@@ -14,24 +18,20 @@ go through the ``npos`` logger to stderr (:mod:`npos.log`; ``-q`` / ``-v``).
 
 from __future__ import annotations
 
+import signal
 
 import click
 
 from npos import __version__
-from npos.commands._common import UserError
+from npos.commands._common import Interrupted, UserError
+from npos.commands._errors import describe, interrupted_message, remember_context
 from npos.config_file import add_config_option
-from npos.errors import NposError
 from npos.log import cli_logging, third_party_logs, verbosity_level
 
-def _is_user_error(exc: BaseException) -> bool:
-    # Missing files and permissions are the user's to fix; anything else is a bug in npos
-    # and keeps its traceback.
-    return isinstance(exc, (NposError, FileNotFoundError, PermissionError, IsADirectoryError,
-                            NotADirectoryError))
-
-
 class NposGroup(click.Group):
-    """Turns npos errors raised by any sub-command into one line and exit code 2."""
+    """Turns errors raised by any sub-command into one line: exit code 2 for npos errors and
+    OS errors (:func:`npos.commands._errors.describe`), 130 for Ctrl-C; other exceptions
+    are bugs in npos and keep their traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -41,10 +41,15 @@ class NposGroup(click.Group):
                 return super().invoke(ctx)
         except click.ClickException:
             raise
-        except Exception as exc:  # noqa: BLE001 - filtered just below
-            if ctx.meta.get("npos.debug") or not _is_user_error(exc):
+        except KeyboardInterrupt:
+            if ctx.meta.get("npos.debug"):
                 raise
-            raise UserError(str(exc)) from None
+            raise Interrupted(interrupted_message(ctx)) from None
+        except Exception as exc:  # noqa: BLE001 - filtered just below
+            message = None if ctx.meta.get("npos.debug") else describe(exc, ctx)
+            if message is None:
+                raise
+            raise UserError(message) from None
 
 
 @click.group(cls=NposGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,7 +77,13 @@ def cli(ctx: click.Context, debug: bool, verbose: int, quiet: bool) -> None:
     the command line win. Messages go to stderr (-q: warnings only, -v: debug).
 
     Scores follow one convention: higher = more in-distribution.
-    Exit codes: 0 ok, 1 a check found problems, 2 error.
+
+    \b
+    Exit codes: 0  ok
+                1  a check found problems (npos store verify)
+                2  an error, told in one line (bad input or options, an output that
+                   cannot be written: disk full, read-only, too large, I/O error)
+              130  interrupted (Ctrl-C); the line says how to resume
     """
     ctx.meta["npos.debug"] = debug
     # One handler on the "npos" logger (never on root), removed when the command ends.
@@ -89,6 +100,17 @@ def _register() -> None:
                    text_bank, calibrate):
         cli.add_command(module.command)
         add_config_option(module.command)
+        _remember_contexts(module.command)
+
+
+def _remember_contexts(command: click.Command) -> None:
+    # Errors are told in the terms of the command that ran (its flags, its resume hint).
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _remember_contexts(sub)
+    elif command.callback is not None and not getattr(command.callback, "npos_remembers",
+                                                          False):
+        command.callback = remember_context(command.callback)
 
 
 _register()
@@ -96,6 +118,10 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
+    if hasattr(signal, "SIGXFSZ"):
+        # Past a file-size limit (ulimit -f) a write then fails with EFBIG, reported in one
+        # line, instead of the signal killing the process without a word.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     cli.main(prog_name="npos")
 
 

@@ -3,22 +3,88 @@
 ``The 'k' parameter of synthesize must be an int in the range [1, 1000) (k < bank size).
 Got 1000 instead.`` — the owner (``of synthesize``) and the reason in parentheses are optional.
 Each check raises :class:`~npos.errors.ParameterError` and returns nothing.
+
+Inside :func:`all_violations` the checks do not raise one by one: the block raises one
+error listing every parameter out of range (and, optionally, values that would fit). The
+error keeps each :class:`Violation`, so the command line can say the same with its flags
+(``--k 400 must be ...``) instead of Python names.
 """
 
 from __future__ import annotations
 
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any, NoReturn
 
 from npos.errors import ParameterError
 
+_COLLECTING: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "npos_violations", default=None)
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One parameter outside its valid range: ``name`` must be ``expected`` (``why``)."""
+
+    name: str
+    value: Any
+    expected: str
+    owner: str | None = None
+    why: str = ""
+
+    def message(self) -> str:
+        """The template: ``The 'k' parameter of X must be ... (why). Got 1000 instead.``"""
+        of = f" of {self.owner}" if self.owner else ""
+        return (f"The {self.name!r} parameter{of} must be {self.expected}{self.why}. "
+                f"Got {self.value!r} instead.")
+
+
+def parameter_error(text: str = "", *, violations: Sequence[Violation] = (),
+                    params: Sequence[str] = (), reason: str = "",
+                    suggestion: Mapping[str, Any] | None = None) -> ParameterError:
+    """One :class:`~npos.errors.ParameterError` for a free-text problem ``text`` (naming
+    ``params``) and/or every violation, ending with values that fit: ``{reason}: try
+    queue=30, k=10.``"""
+    parts = ([text] if text else []) + [v.message() for v in violations]
+    message = " ".join(parts)
+    if suggestion:
+        tried = ", ".join(f"{name}={value!r}" for name, value in suggestion.items())
+        message += f" {reason[:1].upper()}{reason[1:]}: try {tried}."
+    return ParameterError(message, text=text, params=tuple(params),
+                          violations=tuple(violations),
+                          suggestion=dict(suggestion) if suggestion else None, reason=reason)
+
 
 def _fail(name: str, value: Any, expected: str, owner: str | None, why: str) -> NoReturn:
-    of = f" of {owner}" if owner else ""
-    raise ParameterError(f"The {name!r} parameter{of} must be {expected}{why}. "
-                         f"Got {value!r} instead.")
+    violation = Violation(name, value, expected, owner, why)
+    found = _COLLECTING.get()
+    if found is not None:  # inside all_violations(): go on with the next check
+        found.append(violation)
+        return  # type: ignore[misc]
+    raise parameter_error(violations=(violation,))
+
+
+@contextmanager
+def all_violations(*, reason: str = "",
+                   suggest: Callable[[], Mapping[str, Any]] | None = None) -> Iterator[None]:
+    """Run the checks of the block and raise one error listing every violation (with
+    ``suggest()``'s values that fit, introduced by ``reason``), instead of the first."""
+    found: list[Violation] = []
+    token = _COLLECTING.set(found)
+    try:
+        yield
+    except Exception:
+        if not found:  # an error after a violation (e.g. comparing with a bad value) is
+            raise      # explained by the violation
+    finally:
+        _COLLECTING.reset(token)
+    if found:
+        raise parameter_error(violations=found, reason=reason,
+                              suggestion=suggest() if suggest else None)
 
 
 def fail(name: str, value: Any, expected: str, *, owner: str | None = None,

@@ -12,12 +12,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_ERROR = 2
+#: Ctrl-C (SIGINT), as shells report a process ended by it (128 + 2).
+EXIT_INTERRUPTED = 130
 
 
 class UserError(click.ClickException):
     """A one-line error for the user, exit code 2."""
 
     exit_code = EXIT_ERROR
+
+
+class Interrupted(UserError):
+    """Ctrl-C: one line saying how to resume, exit code 130."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 def not_available(name: str) -> None:

@@ -40,8 +40,10 @@ def command(out: str, model: str, pretrained: str, device: str, seed: int, epoch
     same head trained without synthesis (--ood-weight 0). Reports go to OUT/reports/ (a
     re-run: OUT/run-N/reports/, or OUT/reports/ again with --overwrite).
     """
+    from npos.atomic import check_writable
     from npos.demo import demo_run_folder, prepare_demo_folder, run_demo, summary_table
 
+    check_writable(out, "demo folder")  # before any work (its stores and reports lock)
     prepare_demo_folder(out)
     run_dir = demo_run_folder(out, overwrite=overwrite)
     if pretrained.lower() == "none":

@@ -28,11 +28,13 @@ def command(id_store, ood, head, train, out, overwrite, threshold, **options) ->
     Writes REPORT_DIR/metrics.json (fractions), report.md (percentages) and PNG plots, and
     prints the summary table. All stores (and the head) must come from the same encoder.
     """
+    from npos.atomic import check_writable
     from npos.evaluate import ScoringConfig, check_report_dir, evaluate, main_table, \
         parse_ood_specs, write_report
 
     ood_stores = parse_ood_specs(ood)
     config = ScoringConfig(**options)
+    check_writable(out, "report folder")  # before any work: parents created, a probe written
     check_report_dir(out, overwrite=overwrite)
     result = evaluate(id_store, ood_stores, config, head=head, train=train,
                       progress=sys.stderr.isatty(), threshold=threshold)

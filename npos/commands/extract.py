@@ -71,7 +71,10 @@ def command(data, out, model, pretrained, batch_size, workers, device, dtype, to
     rank takes its share of the chunks. Re-running the same command resumes an interrupted
     run and repairs a damaged store (chunks that lost a file are encoded again).
     """
+    from npos.atomic import check_writable
     from npos.extract import FeatureExtractor
+
+    check_writable(out, "store")  # before any work: parents created, a probe written
 
     extractor = FeatureExtractor(
         model=model, pretrained=pretrained, batch_size=batch_size, workers=workers,

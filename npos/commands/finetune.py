@@ -63,6 +63,7 @@ def command(train_store: str, out: str, model: str, pretrained: str | None,
     synthesis). Writes OUT/tail.safetensors (+ tail.json), OUT/head/ (usable by 'npos
     evaluate --head') and OUT/NAME.zarr for every --embed NAME=STORE.
     """
+    from npos.atomic import check_writable
     from npos.commands._common import UserError
     from npos.commands._synthesis_options import synthesis_config_from_options
     from npos.finetune import FinetuneConfig, finetune, parse_embed_specs
@@ -72,6 +73,7 @@ def command(train_store: str, out: str, model: str, pretrained: str | None,
         # Offline outliers live in the frozen embedding space, which the tail moves.
         raise UserError("finetune synthesizes online (the tail moves the embedding space): "
                         "--outliers is for 'npos train-head' only; drop it")
+    check_writable(out, "fine-tuning output folder")  # before any work (parents, a probe)
 
     names = {f.name for f in fields(HeadConfig)}
     head_config = HeadConfig(**{k: v for k, v in options.items() if k in names},

@@ -25,8 +25,10 @@ def command(store, head, train, out, overwrite, threshold, **options) -> None:
     Rows keep the store's ids and order. Runs under torchrun: each rank scores batches
     rank, rank+W, ...; rank 0 writes csv/parquet, every rank writes its zarr chunks.
     """
+    from npos.atomic import check_writable
     from npos.evaluate import ScoringConfig, score_store
 
+    check_writable(out, "store" if out.rstrip("/").endswith(".zarr") else "score file")
     summary = score_store(store, out, ScoringConfig(**options), head=head, train=train,
                           overwrite=overwrite, progress=sys.stderr.isatty(),
                           threshold=threshold)

@@ -103,7 +103,10 @@ def verify(store: str, no_values: bool) -> None:
 def import_(embeddings, labels, ids, class_names, text_embeddings, model, pretrained, out,
             dtype, chunk_rows, overwrite) -> None:
     """Import embeddings computed elsewhere into a new store."""
+    from npos.atomic import check_writable
     from npos.store import import_embeddings
+
+    check_writable(out, "store")  # before any work: parents created, a probe written
 
     store = import_embeddings(
         embeddings, out, labels=labels, ids=ids, class_names=class_names,

@@ -44,6 +44,7 @@ def command(features, out, bank, scope, count, memory_budget, seed, device, stat
     quantiles of the K-th-NN distance of bank points, boundary points and kept outliers, and
     the share of candidates that landed farther out than their source point.
     """
+    from npos.atomic import check_writable
     from npos.evaluate.batching import Distributed
     from npos.store import FeatureStore
     from npos.synthesize.offline import KINDS, check_output, synthesize_store
@@ -56,6 +57,7 @@ def command(features, out, bank, scope, count, memory_budget, seed, device, stat
         if not out:
             raise click.UsageError("--out is required (or pass --stats-only)")
         check_output(out, overwrite=overwrite)
+        check_writable(out, "store")  # before any work: parents created, a probe written
     source = FeatureStore.open(features, kinds=KINDS, what="synthesize")
     with Distributed(device) as group:
         offline = synthesize_store(source, config, queue=options["queue"], seed=seed,

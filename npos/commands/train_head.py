@@ -94,7 +94,10 @@ def command(features: str, out: str, outliers: str | None, outliers_per_step: in
     synthesis options are those of 'npos synthesize'), or drawn from a pre-synthesized
     --outliers store. Writes OUT/model.safetensors and OUT/config.json.
     """
+    from npos.atomic import check_writable
     from npos.train_head import HeadConfig, train_head
+
+    check_writable(out, "head")  # before any work: parents created, a probe written
 
     synthesis = synthesis_config_from_options(options)
     names = {f.name for f in fields(HeadConfig)}

@@ -39,7 +39,7 @@ def check_tokens_layer(visual: torch.nn.Module, layer: int) -> int:
     n = num_blocks(visual)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n:
         raise ParameterError(f"tokens_layer must be an int in [0, {n}] for this model "
-                             f"({n} blocks); got {layer!r}")
+                             f"({n} blocks); got {layer!r}", params=("tokens_layer",))
     return layer
 
 

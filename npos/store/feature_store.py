@@ -27,6 +27,7 @@ Every array carries Zarr v3 ``dimension_names`` (``row``, ``dim``, ``class``, ``
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 import os
 import weakref
@@ -37,6 +38,7 @@ import numpy as np
 import zarr
 
 from npos import __version__
+from npos.atomic import writing
 from npos.errors import (IncompatibleStoreError, ParameterError, StoreError, StoreExistsError,
                          StoreNotFoundError)
 from npos.store.chunks import MARKER, WRITE_CONFIG, ChunkFiles
@@ -44,6 +46,8 @@ from npos.store.identity import IDENTITY_KEYS, check_fingerprints
 from npos.store.lock import WriterLock
 
 SCHEMA = "npos.features/1"
+#: The only attribute of a store while :meth:`FeatureStore.create` writes it.
+CREATING = "npos_creating"
 KINDS = ("features", "outliers", "scores", "text-bank")
 EMBEDDING_DTYPES = ("float16", "float32")
 #: Row-aligned arrays every store has.
@@ -86,17 +90,28 @@ def _group_array(group: zarr.Group, name: str, url: str) -> zarr.Array:
 
 
 def store_exists(url: str) -> bool:
-    """True when a Zarr group (of any kind) exists at ``url``."""
+    """True when a Zarr group (of any kind) exists at ``url``; a store whose creation
+    stopped before it was set up (:data:`CREATING`) does not count: it is created again."""
     try:
-        _open_group(url, "r")
+        group = _open_group(url, "r")
     except StoreNotFoundError:
         return False
-    return True
+    return dict(group.attrs).get(CREATING) is not True
+
+
+def _unfinished(url: str) -> bool:
+    """A group whose creation by npos stopped before its attributes were written."""
+    try:
+        return dict(_open_group(url, "r").attrs).get(CREATING) is True
+    except StoreNotFoundError:
+        return False
 
 
 def _refuse_foreign_path(url: str) -> None:
     """Creating a store empties its location: never do that to something that is not an
     npos store (a file, a non-empty folder, another Zarr group), ``overwrite`` or not."""
+    if _unfinished(url):
+        return
     if store_exists(url):
         schema = dict(_open_group(url, "r").attrs).get("schema")
         if schema != SCHEMA:
@@ -123,6 +138,16 @@ def _jsonable(value: Any) -> Any:
 def _is_string(dtype: Any) -> bool:
     return dtype is str or isinstance(dtype, np.dtypes.StringDType) or \
         np.dtype(dtype).kind in "OUT"
+
+
+def _writes(method):
+    """An OS error while the method writes the store names the store (see
+    :func:`npos.atomic.writing`), never a chunk's temporary file."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with writing(self.url, "store"):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 def _describe_mismatch(key: str, stored: Any, wanted: Any) -> str:
@@ -217,10 +242,11 @@ class FeatureStore(ChunkFiles):
         _refuse_foreign_path(str(url))
         lock = WriterLock(str(url)).acquire()  # before anything is read, replaced or written
         try:
-            return cls._create_locked(url, lock, n_rows=n_rows, dim=dim, dtype=dtype,
-                                      chunk_rows=chunk_rows, kind=kind,
-                                      class_names=class_names, attrs=attrs,
-                                      overwrite=overwrite, resume=resume)
+            with writing(str(url), "store"):
+                return cls._create_locked(url, lock, n_rows=n_rows, dim=dim, dtype=dtype,
+                                          chunk_rows=chunk_rows, kind=kind,
+                                          class_names=class_names, attrs=attrs,
+                                          overwrite=overwrite, resume=resume)
         except BaseException:
             lock.release()
             raise
@@ -231,7 +257,7 @@ class FeatureStore(ChunkFiles):
         if store_exists(url) and not overwrite:
             if not resume:
                 raise StoreExistsError(
-                    f"{str(url)!r} already exists; pass --overwrite (overwrite=True) to replace it")
+                    f"{str(url)!r} already exists; pass --overwrite to replace it")
             store = cls(_open_group(url, "r+"), url, writable=True, lock=lock)
             wanted = {"n_rows": n_rows, "dim": dim, "dtype": dtype, "chunk_rows": chunk_rows,
                       "kind": kind, "class_names": class_names,
@@ -245,7 +271,10 @@ class FeatureStore(ChunkFiles):
                         "pass --overwrite to start over")
             return store
 
-        group = zarr.open_group(str(url), mode="w")  # mode "w" first removes an old store
+        # Mode "w" first removes an old store. Until the attributes are written in one put at
+        # the end, the group says it is being created: a creation stopped half way (a full
+        # disk, kill -9) is then simply redone, never read as a store.
+        group = zarr.open_group(str(url), mode="w", attributes={CREATING: True})
         n_chunks = math.ceil(n_rows / chunk_rows)
         for name, shape, chunks, arr_dtype, fill in (
                 ("embeddings", (n_rows, dim), (chunk_rows, dim), dtype, float("nan")),
@@ -255,7 +284,7 @@ class FeatureStore(ChunkFiles):
             group.create_array(name, shape=shape, chunks=chunks, dtype=arr_dtype,
                                fill_value=fill, dimension_names=DIMENSION_NAMES[name],
                                config=WRITE_CONFIG)
-        group.attrs.update({
+        group.attrs.put({
             **attrs,
             "schema": SCHEMA,
             "kind": kind,
@@ -326,10 +355,13 @@ class FeatureStore(ChunkFiles):
         """The group attributes, as a plain dict (a copy)."""
         return dict(self._group.attrs)
 
+    @_writes
     def update_attrs(self, **values: Any) -> None:
         """Set group attributes (e.g. the ``failed`` list after extraction)."""
         self._require_writable()
-        self._group.attrs.update(_jsonable(values))
+        # One put of the whole attribute set: zarr's attrs.update writes once per key, so a
+        # fault half way would leave some keys written and others not.
+        self._group.attrs.put({**self.attrs, **_jsonable(values)})
 
     @property
     def n_rows(self) -> int:
@@ -427,6 +459,7 @@ class FeatureStore(ChunkFiles):
         if not self.writable:
             raise StoreError(f"store {self.url!r} is open read-only")
 
+    @_writes
     def add_array(self, name: str, row_shape: Sequence[int], dtype: str, *,
                   fill_value: Any = None, chunk_rows: int | None = None,
                   dimension_names: Sequence[str] | None = None) -> zarr.Array:
@@ -469,6 +502,7 @@ class FeatureStore(ChunkFiles):
                                     dtype=arr.dtype)
         return arr
 
+    @_writes
     def set_array(self, name: str, data: np.ndarray) -> None:
         """Write a whole non-row array such as ``text_embeddings`` (C, D) in one go."""
         self._require_writable()
@@ -484,6 +518,7 @@ class FeatureStore(ChunkFiles):
             dimension_names=_dimension_names(name, data.ndim, rows=False), config=WRITE_CONFIG)
         arr[...] = data
 
+    @_writes
     def write_chunk(self, index: int, **arrays: np.ndarray) -> None:
         """Write the rows of chunk ``index`` to the given row-aligned arrays, then mark it done.
 
@@ -513,6 +548,7 @@ class FeatureStore(ChunkFiles):
             self._row_names = [n for n in self._group.array_keys() if self.is_row_array(n)]
         return self._row_names
 
+    @_writes
     def mark_undone(self, chunks: Sequence[int]) -> None:
         """Clear the ``done`` flag of ``chunks`` so the next run writes them again (repair)."""
         self._require_writable()

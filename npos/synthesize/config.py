@@ -12,7 +12,7 @@ from typing import Any
 
 from npos.knn import KNN_BACKENDS as BACKENDS  # noqa: F401 - old name, for CLI choices
 from npos.knn import backend_names
-from npos.validation import check_choice, check_float, check_int
+from npos.validation import all_violations, check_choice, check_float, check_int
 
 METHODS = ("npos", "vos", "gaussian")
 NOISE_SPACES = ("sphere", "raw")
@@ -89,35 +89,60 @@ class SynthesisConfig:
         """The sigma actually used: ``sigma``, or the noise space's default when it is None."""
         return DEFAULT_SIGMA[self.noise_space] if self.sigma is None else float(self.sigma)
 
-    def validate(self, bank_size: int | None = None) -> None:
-        """Raise :class:`~npos.errors.ParameterError` for the first invalid parameter.
+    def validate(self, bank_size: int | None = None, *, bank_name: str = "bank size") -> None:
+        """Raise one :class:`~npos.errors.ParameterError` listing every invalid parameter.
 
         Without ``bank_size`` only checks that do not depend on the bank run (they also run
-        at construction); with it, the bounds that involve the per-class bank size Q too.
+        at construction); with it, the bounds that involve the per-class bank size Q too,
+        and the error proposes values that fit (:meth:`fitting`). ``bank_name`` names Q in
+        messages (``"queue"`` where it is the ``--queue`` option).
         """
-        check_choice("method", self.method, METHODS)
-        check_choice("noise_space", self.noise_space, NOISE_SPACES)
-        check_choice("backend", self.backend, backend_names())
-        check_int("k", self.k, 1)
-        check_int("pick", self.pick, 1)
-        check_int("candidates", self.candidates, 1)
-        check_int("keep", self.keep, 1)
-        check_int("select", self.select, 1)
-        check_float("sigma", self.sigma, 0.0, low_open=True, allow_none=True)
-        if self.method == "npos":
-            check_int("pick", self.pick, 1, self.select, why=" (pick <= select)")
-        if self.method in ("npos", "vos"):
-            check_int("keep", self.keep, 1, self.candidates, why=" (keep <= candidates)")
+        with all_violations():
+            check_choice("method", self.method, METHODS)
+            check_choice("noise_space", self.noise_space, NOISE_SPACES)
+            check_choice("backend", self.backend, backend_names())
+            check_int("k", self.k, 1)
+            check_int("pick", self.pick, 1)
+            check_int("candidates", self.candidates, 1)
+            check_int("keep", self.keep, 1)
+            check_int("select", self.select, 1)
+            check_float("sigma", self.sigma, 0.0, low_open=True, allow_none=True)
+            if self.method == "npos":
+                check_int("pick", self.pick, 1, self.select, why=" (pick <= select)")
+            if self.method in ("npos", "vos"):
+                check_int("keep", self.keep, 1, self.candidates, why=" (keep <= candidates)")
         if bank_size is None:
             return
-        check_int("bank size", bank_size, 2, why=" (points per class bank)")
-        check_int("k", self.k, 1, bank_size, high_closed=False,
-                   why=f" (k < bank size {bank_size}: the K-th nearest other point)")
-        if self.method == "npos":
-            check_int("select", self.select, self.pick, bank_size,
-                       why=f" (pick <= select <= bank size {bank_size})")
-        if self.method == "gaussian":
-            check_int("pick", self.pick, 1, bank_size, why=f" (pick <= bank size {bank_size})")
+        check_int(bank_name, bank_size, 2, why=" (points per class bank)")
+        with all_violations(reason=f"values that fit {bank_name}={bank_size}",
+                            suggest=lambda: self.fitting(bank_size)):
+            check_int("k", self.k, 1, bank_size, high_closed=False,
+                      why=f" (k < {bank_name} {bank_size}: the K-th nearest other point)")
+            if self.method == "npos":
+                check_int("select", self.select, self.pick, bank_size,
+                          why=f" (pick <= select <= {bank_name} {bank_size})")
+            if self.method == "gaussian":
+                check_int("pick", self.pick, 1, bank_size,
+                          why=f" (pick <= {bank_name} {bank_size})")
+
+    def fitting(self, bank_size: int) -> dict[str, int]:
+        """The changes to ``k``, ``select`` and ``pick`` that make this config valid for
+        banks of ``bank_size`` points (empty when it already is); values that already fit
+        are kept. K becomes a third of the bank and the boundary set two thirds, the
+        proportions of the paper's defaults (K=400, select=300 of Q=1000)."""
+        changes: dict[str, int] = {}
+        if self.k >= bank_size:
+            changes["k"] = max(1, bank_size // 3)
+        pick = self.pick
+        if self.method == "npos" and not pick <= self.select <= bank_size:
+            select = min(bank_size, max(pick, (2 * bank_size) // 3))
+            pick = min(pick, select)
+            changes["select"] = select
+        if self.method in ("npos", "gaussian") and pick > bank_size:
+            pick = bank_size
+        if pick != self.pick:
+            changes["pick"] = pick
+        return changes
 
     def to_dict(self) -> dict[str, Any]:
         """The fields plus ``resolved_sigma``, for store attributes and ``config.json``."""

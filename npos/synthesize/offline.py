@@ -17,7 +17,7 @@ from npos.store import IDENTITY_KEYS, FeatureStore, store_exists
 from npos.synthesize.config import BANKS, SCOPES, SynthesisConfig
 from npos.synthesize.engine import SynthesisResult, SynthesisStats, synthesize
 from npos.synthesize.scale import ONE_PROCESS, Ranks
-from npos.validation import check_choice, check_int
+from npos.validation import check_choice, check_int, parameter_error
 
 if TYPE_CHECKING:
     from npos.synthesize.all_rows import AllRowsSynthesis
@@ -245,7 +245,7 @@ def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queu
                              "each class gives --pick x --keep outliers")
     if bank == "sample" and scope == "class":
         check_int("queue", queue, 2)
-        config.validate(bank_size=queue)
+        config.validate(bank_size=queue, bank_name="queue")
     if not isinstance(store, FeatureStore):
         store = FeatureStore.open(store)
     store.check_kind(KINDS, what="synthesize")
@@ -266,9 +266,10 @@ def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queu
     banks = class_banks(embeddings, labels, queue, generator=generator, num_classes=len(names))
     if banks.classes.numel() == 0:
         largest = max(banks.counts.values(), default=0)
-        raise ParameterError(
+        raise parameter_error(
             f"no class of {store.url!r} has at least --queue={queue} rows (the largest has "
-            f"{largest}); lower --queue")
+            f"{largest}).", params=("queue",), reason=f"the largest class has {largest} rows",
+            suggestion={"queue": largest, **config.fitting(largest)} if largest >= 2 else None)
     result = synthesize(banks.banks.to(device), config, generator=generator,
                         memory_budget=memory_budget, return_stats=True)
     # positions in the stacked banks -> class ids; everything back on the CPU

@@ -40,13 +40,15 @@ def write_checkpoint_dir(path: str | os.PathLike, tensors: Mapping[str, torch.Te
     Both files go to a temporary sibling directory first, which then replaces ``path``, so a
     reader sees either the old checkpoint or the new one, never a mixture or a torn file.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Serialized in memory and written by Python: an I/O error is then an OSError (ENOSPC,
+    # EFBIG, ...) that npos reports against `path`; safetensors' own file writer raises an
+    # opaque SafetensorError instead. Heads and resume states are small.
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     with atomic_path(path, overwrite=True, directory=True, what="checkpoint") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                  str(tmp / MODEL_FILE))
+        (tmp / MODEL_FILE).write_bytes(data)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 

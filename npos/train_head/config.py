@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from npos.validation import check_choice, check_float, check_int
+from npos.validation import all_violations, check_choice, check_float, check_int
 from npos.synthesize.config import SynthesisConfig
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -86,28 +86,33 @@ class HeadConfig:
     amp: bool = True
 
     def validate(self) -> None:
-        """Raise :class:`~npos.errors.ParameterError` for the first invalid parameter."""
-        check_int("epochs", self.epochs, 1, owner="train_head")
-        check_int("batch_size", self.batch_size, 1, owner="train_head")
-        check_float("lr", self.lr, 0.0, low_open=True, owner="train_head")
-        check_choice("optimizer", self.optimizer, OPTIMIZERS, owner="train_head")
-        check_float("momentum", self.momentum, 0.0, low_open=False, high=1.0, owner="train_head")
-        check_float("weight_decay", self.weight_decay, 0.0, low_open=False, owner="train_head")
-        check_float("head_lr_scale", self.head_lr_scale, 0.0, low_open=True, owner="train_head")
-        check_choice("projection", self.projection, PROJECTIONS, owner="train_head")
-        check_float("temperature", self.temperature, 0.0, low_open=True, owner="train_head")
-        check_choice("id_loss", self.id_loss, ID_LOSSES, owner="train_head")
-        check_choice("head", self.head, HEADS, owner="train_head")
-        check_int("head_hidden", self.head_hidden, 1, owner="train_head")
-        check_int("rbf_centres", self.rbf_centres, 1, owner="train_head")
-        check_float("ood_weight", self.ood_weight, 0.0, low_open=False, owner="train_head")
-        check_int("start_epoch", self.start_epoch, 0, self.epochs - 1, owner="train_head")
-        check_int("synth_every", self.synth_every, 1, owner="train_head")
-        check_int("queue", self.queue, 2, owner="train_head")
-        check_int("seed", self.seed, 0, owner="train_head")
+        """Raise one :class:`~npos.errors.ParameterError` listing every invalid parameter."""
+        with all_violations():
+            check_int("epochs", self.epochs, 1, owner="train_head")
+            check_int("batch_size", self.batch_size, 1, owner="train_head")
+            check_float("lr", self.lr, 0.0, low_open=True, owner="train_head")
+            check_choice("optimizer", self.optimizer, OPTIMIZERS, owner="train_head")
+            check_float("momentum", self.momentum, 0.0, low_open=False, high=1.0,
+                        owner="train_head")
+            check_float("weight_decay", self.weight_decay, 0.0, low_open=False,
+                        owner="train_head")
+            check_float("head_lr_scale", self.head_lr_scale, 0.0, low_open=True,
+                        owner="train_head")
+            check_choice("projection", self.projection, PROJECTIONS, owner="train_head")
+            check_float("temperature", self.temperature, 0.0, low_open=True, owner="train_head")
+            check_choice("id_loss", self.id_loss, ID_LOSSES, owner="train_head")
+            check_choice("head", self.head, HEADS, owner="train_head")
+            check_int("head_hidden", self.head_hidden, 1, owner="train_head")
+            check_int("rbf_centres", self.rbf_centres, 1, owner="train_head")
+            check_float("ood_weight", self.ood_weight, 0.0, low_open=False,
+                        owner="train_head")
+            check_int("start_epoch", self.start_epoch, 0, self.epochs - 1, owner="train_head")
+            check_int("synth_every", self.synth_every, 1, owner="train_head")
+            check_int("queue", self.queue, 2, owner="train_head")
+            check_int("seed", self.seed, 0, owner="train_head")
         if self.ood_weight > 0:
             # The engine validates its own parameters against the bank size (the queue).
-            self.synthesis.validate(self.queue)
+            self.synthesis.validate(self.queue, bank_name="queue")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (``synthesis`` nested, with its ``resolved_sigma``)."""

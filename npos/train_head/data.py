@@ -13,8 +13,10 @@ import torch
 from torch.nn import functional as F
 
 from npos.errors import ParameterError, StoreError
+from npos.log import get_logger
 from npos.train_head.config import HeadConfig
 from npos.train_head.model import HeadModel
+from npos.validation import parameter_error
 
 
 @dataclass
@@ -56,17 +58,27 @@ def load_one_class(store) -> LabeledFeatures:
 def check_class_counts(data: LabeledFeatures, config: HeadConfig, store_url: str, *,
                        online: bool = True) -> None:
     """Every class needs labeled rows, and with online synthesis (``online``) at least
-    ``queue`` of them (else its queue never fills and synthesis never starts)."""
+    ``queue`` of them (else its queue never fills and synthesis never starts). The error
+    proposes a queue and synthesis values that fit the smallest class; a batch larger than
+    the data is a warning."""
     counts = torch.bincount(data.y, minlength=len(data.class_names))
     c = int(counts.argmin())
-    if int(counts[c]) == 0:
+    smallest = int(counts[c])
+    if smallest == 0:
         raise StoreError(f"class {data.class_names[c]!r} has no labeled rows in training store "
                          f"{store_url!r}")
-    if online and config.ood_weight > 0 and int(counts[c]) < config.queue:
-        raise ParameterError(
-            f"class {data.class_names[c]!r} has {int(counts[c])} labeled rows, fewer than "
-            f"queue={config.queue}: its queue would never fill and synthesis never start; "
-            "lower --queue")
+    if online and config.ood_weight > 0 and smallest < config.queue:
+        fits = smallest >= 2
+        raise parameter_error(
+            f"class {data.class_names[c]!r} has {smallest} labeled rows, fewer than "
+            f"queue={config.queue}: its queue would never fill and synthesis never start.",
+            params=("queue",), reason=f"the smallest class has {smallest} labeled rows",
+            suggestion={"queue": smallest, **config.synthesis.fitting(smallest)} if fits
+            else None)
+    if config.batch_size > data.y.numel():
+        get_logger("npos.train_head").warning(
+            f"the batch size ({config.batch_size}) is larger than the {data.y.numel()} "
+            f"labeled rows of {store_url!r}: every epoch is a single step")
 
 
 def build_head(data: LabeledFeatures, config: HeadConfig) -> tuple[HeadModel, torch.Tensor]:

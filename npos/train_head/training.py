@@ -172,7 +172,7 @@ def _partial_dir(out_dir: Path) -> Path:
 def _check_outputs(out_path: Path, partial: Path, *, resume: bool, overwrite: bool) -> None:
     if out_path.exists() and not overwrite:
         raise CheckpointExistsError(
-            f"{str(out_path)!r} already exists; pass --overwrite (overwrite=True) to replace it")
+            f"{str(out_path)!r} already exists; pass --overwrite to replace it")
     if partial.exists() and not (resume or overwrite):
         raise CheckpointExistsError(
             f"an interrupted run left {str(partial)!r}; pass --resume to continue it or "

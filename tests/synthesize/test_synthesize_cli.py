@@ -93,10 +93,14 @@ def test_command_errors(features, tmp_path):
     assert "no class of" in result.output and "at least --queue=500 rows (the largest has 100)" \
         in result.output
     result = _run(features, "--stats-only", "--queue", "100")
-    assert result.exit_code == 2 and "The 'k' parameter must be an int in the range [1, 100)" \
+    # Every conflict in one message, in flags, defaults marked, values that fit proposed.
+    assert result.exit_code == 2 and "--k 400 (default) must be an int in the range [1, 100)" \
         in result.output
+    assert "--select 300 (default) must be" in result.output
+    assert "try --k 33 --select 66" in result.output and "'k'" not in result.output
     result = _run(features, "--stats-only", *FAST, "--pick", "31")
-    assert result.exit_code == 2 and "The 'pick' parameter" in result.output
+    assert result.exit_code == 2 and "--pick 31 must be an int in the range [1, 30]" \
+        in result.output
     result = _run(str(tmp_path / "missing.zarr"), "--stats-only")
     assert result.exit_code == 2 and "no feature store at" in result.output
     assert "Traceback" not in result.output

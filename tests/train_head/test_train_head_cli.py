@@ -49,7 +49,8 @@ def test_train_head_command_errors(world_stores, tmp_path):
     result = runner.invoke(cli, ["train-head", world_stores["train"], "--out", out,
                                  *SMALL_ARGS, "--k", "100"])
     assert result.exit_code == 2
-    assert "'k' parameter" in result.output and "Traceback" not in result.output
+    assert "--k 100 must be an int in the range [1, 100)" in result.output
+    assert "try --k 33" in result.output and "Traceback" not in result.output
     result = runner.invoke(cli, ["train-head", world_stores["ood/held-out"], "--out", out,
                                  *SMALL_ARGS])
     assert result.exit_code == 2 and "has no labeled rows" in result.output
