@@ -315,7 +315,7 @@ class _CsvWriter:
         self._csv.writerow(["id", *names])
 
     def write(self, ids: np.ndarray, matrix: np.ndarray) -> None:
-        self._csv.writerows([i, *row] for i, row in zip(ids.tolist(), matrix.tolist()))
+        self._csv.writerows([i, *row] for i, row in zip(ids.tolist(), matrix.tolist(), strict=True))
 
     def close(self) -> None:
         self._file.close()

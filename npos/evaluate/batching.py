@@ -38,8 +38,12 @@ def batch_plan(store: FeatureStore, batch_rows: int) -> tuple[int, int]:
     return per, math.ceil(store.n_chunks / per)
 
 
+#: The shard of a run without torchrun (Shard is frozen, so one instance serves all).
+SINGLE_PROCESS = Shard()
+
+
 def shard_batches(store: FeatureStore, batch_rows: int, names: Sequence[str] = ("embeddings",),
-                  *, shard: Shard = Shard(), dtype: str | None = "float32",
+                  *, shard: Shard = SINGLE_PROCESS, dtype: str | None = "float32",
                   ) -> Iterator[dict[str, Any]]:
     """Yield this shard's batches of readable rows, like :meth:`FeatureStore.iter_batches`.
 

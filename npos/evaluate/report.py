@@ -46,7 +46,7 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
     """A pipe table with padded columns (reads well in a terminal too)."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     def line(cells):
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
     sep = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":"
                          for i, w in enumerate(widths)) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
@@ -126,7 +126,7 @@ def _plot_histograms(result: EvaluationResult, score: str, path: Path) -> None:
     fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     id_scores = result.id_scores[score]
-    for ax, (name, values) in zip(axes, ood.items()):
+    for ax, (name, values) in zip(axes, ood.items(), strict=False):  # a grid may have spare axes
         both = np.concatenate([id_scores, values])
         lo, hi = float(both.min()), float(both.max())
         bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 51)
