@@ -32,6 +32,7 @@ from torch import nn
 from npos.atomic import atomic_path
 from npos.encoder import Weights, check_tokens_layer, create_encoder, encode_tokens_tail, num_blocks
 from npos.errors import NposError
+from npos.train_head.checkpoint import read_described
 
 TAIL_FORMAT = "npos.tail/1"
 TAIL_FILE = "tail.safetensors"
@@ -198,16 +199,10 @@ def read_tail_config(out_dir: str | os.PathLike) -> dict[str, Any]:
     """The ``tail.json`` of a fine-tuning output directory, checked against its weights."""
     out = Path(out_dir)
     weights, desc = out / TAIL_FILE, out / TAIL_CONFIG
-    for f in (weights, desc):
-        if not f.is_file():
-            raise TailError(f"no tuned tail in {str(out)!r}: {f.name} is missing")
-    try:
-        config = json.loads(desc.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TailError(f"{str(desc)!r} is not valid JSON: {exc}") from None
-    if config.get("format") != TAIL_FORMAT:
-        raise TailError(f"{str(desc)!r} is not an npos tail description (format="
-                        f"{config.get('format')!r}, expected {TAIL_FORMAT!r})")
+    config = read_described(
+        desc, [weights, desc], fmt=TAIL_FORMAT, error=TailError,
+        missing=lambda f: f"no tuned tail in {str(out)!r}: {f.name} is missing",
+        not_ours=f"{str(desc)!r} is not an npos tail description")
     if config.get("sha256") != _sha256(weights.read_bytes()):
         raise TailError(f"{str(weights)!r} does not match {str(desc)!r} (sha256 differs): "
                         "the directory holds parts of different runs")

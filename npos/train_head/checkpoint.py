@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +64,28 @@ def read_checkpoint_dir(path: str | os.PathLike, *, device: str | torch.device =
     if not path.is_dir():
         raise CheckpointError(f"no {what} at {str(path)!r} (expected a directory with "
                               f"{MODEL_FILE} and {CONFIG_FILE})")
-    for f in (model_file, config_file):
-        if not f.is_file():
-            raise CheckpointError(f"{what} {str(path)!r} is incomplete: {f.name} is missing")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{str(config_file)!r} is not valid JSON: {exc}") from None
-    if config.get("format") != format:
-        raise CheckpointError(f"{str(path)!r} is not an npos {what} (format="
-                              f"{config.get('format')!r}, expected {format!r})")
+    config = read_described(
+        config_file, [model_file, config_file], fmt=format, error=CheckpointError,
+        missing=lambda f: f"{what} {str(path)!r} is incomplete: {f.name} is missing",
+        not_ours=f"{str(path)!r} is not an npos {what}")
     return load_file(str(model_file), device=str(device)), config
+
+
+def read_described(desc: Path, required: Sequence[Path], *, fmt: str, error: type[NposError],
+                   missing: Callable[[Path], str], not_ours: str) -> dict[str, Any]:
+    """The JSON description ``desc`` of an artefact made of the files ``required``: every file
+    present (else ``missing(file)``), valid JSON, and ``"format": fmt`` (else ``not_ours``);
+    each failure is one ``error``."""
+    for f in required:
+        if not f.is_file():
+            raise error(missing(f))
+    try:
+        config = json.loads(desc.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise error(f"{str(desc)!r} is not valid JSON: {exc}") from None
+    if config.get("format") != fmt:
+        raise error(f"{not_ours} (format={config.get('format')!r}, expected {fmt!r})")
+    return config
 
 
 def architecture(config: Mapping[str, Any]) -> dict[str, Any]:
