@@ -66,3 +66,31 @@ def check_float(name: str, value: Any, low: float, high: float | None = None, *,
         right = "inf)" if high is None else f"{high:g}]"
         _fail(name, value, f"a float in the range {left}{low:g}, {right}"
               + (" or None" if allow_none else ""), owner, why)
+
+
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(name: str, value: Any, *, owner: str | None = None) -> int:
+    """Bytes from ``value``: an int, or a string such as ``"512M"``, ``"2G"``, ``"1.5GiB"``
+    (binary units K, M, G, T; an optional ``B``/``iB``). Must be at least one byte."""
+    if isinstance(value, Integral) and not isinstance(value, bool):
+        size = int(value)
+    else:
+        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+        unit = text[-1:] if text[-1:] in _SIZE_UNITS and text[-1:] else ""
+        try:
+            size = int(float(text[:len(text) - len(unit)]) * _SIZE_UNITS[unit])
+        except ValueError:
+            size = 0
+    if size < 1:
+        _fail(name, value, "a size such as 512M or 2G", owner, "")
+    return size
+
+
+def format_size(size: int) -> str:
+    """``size`` bytes as a short string :func:`parse_size` reads back (rounded up)."""
+    for unit in ("T", "G", "M", "K"):
+        if size >= _SIZE_UNITS[unit]:
+            return f"{math.ceil(size / _SIZE_UNITS[unit])}{unit}"
+    return str(int(size))

@@ -18,8 +18,8 @@ from npos.commands._scoring_options import scoring_options
 @click.option("--out", required=True, type=click.Path(), metavar="REPORT_DIR",
               help="Report folder: metrics.json, report.md, plots/*.png.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing REPORT_DIR.")
-def command(id_store, ood, head, train, scores, knn_k, knn_backend, mcm_temperature, device,
-            batch_size, out, overwrite) -> None:
+def command(id_store, ood, head, train, scores, knn_k, knn_backend, index, mcm_temperature,
+            device, batch_size, memory_budget, out, overwrite) -> None:
     """Compute OOD metrics (FPR95, AUROC, AUPR-In, AUPR-Out) of every score on every OOD set.
 
     Scores follow one convention: higher = more in-distribution; ID is the positive class.
@@ -31,8 +31,8 @@ def command(id_store, ood, head, train, scores, knn_k, knn_backend, mcm_temperat
 
     ood_stores = parse_ood_specs(ood)
     config = ScoringConfig(scores=scores, knn_k=knn_k, knn_backend=knn_backend,
-                           mcm_temperature=mcm_temperature, device=device,
-                           batch_size=batch_size)
+                           index=index, mcm_temperature=mcm_temperature, device=device,
+                           batch_size=batch_size, memory_budget=memory_budget)
     check_report_dir(out, overwrite=overwrite)
     result = evaluate(id_store, ood_stores, config, head=head, train=train,
                       progress=sys.stderr.isatty())

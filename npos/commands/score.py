@@ -15,8 +15,8 @@ from npos.commands._scoring_options import scoring_options
 @click.option("--out", required=True, metavar="FILE",
               help="Output: .csv, .parquet (needs pyarrow) or .zarr (a store of kind scores).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing FILE.")
-def command(store, head, train, scores, knn_k, knn_backend, mcm_temperature, device,
-            batch_size, out, overwrite) -> None:
+def command(store, head, train, scores, knn_k, knn_backend, index, mcm_temperature, device,
+            batch_size, memory_budget, out, overwrite) -> None:
     """Write OOD scores (higher = more in-distribution) for every row of STORE.
 
     Rows keep the store's ids and order. Runs under torchrun: each rank scores batches
@@ -25,8 +25,8 @@ def command(store, head, train, scores, knn_k, knn_backend, mcm_temperature, dev
     from npos.evaluate import ScoringConfig, score_store
 
     config = ScoringConfig(scores=scores, knn_k=knn_k, knn_backend=knn_backend,
-                           mcm_temperature=mcm_temperature, device=device,
-                           batch_size=batch_size)
+                           index=index, mcm_temperature=mcm_temperature, device=device,
+                           batch_size=batch_size, memory_budget=memory_budget)
     summary = score_store(store, out, config, head=head, train=train, overwrite=overwrite,
                           progress=sys.stderr.isatty())
     if summary.rank == 0:

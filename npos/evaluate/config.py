@@ -19,6 +19,13 @@ from npos.evaluate.detectors import parse_scores
 from npos.evaluate.detectors.knn import knn_backends
 from npos.validation import check_choice, check_float, check_int
 
+#: Default working memory of one scoring row block (``ScoringConfig.memory_budget``).
+DEFAULT_SCORING_BUDGET = 256 * 2**20
+#: ``ScoringConfig.index`` value that turns the default store index off.
+NO_INDEX = "none"
+#: Fields :meth:`ScoringConfig.to_dict` writes only when they differ from their defaults.
+_OPTIONAL_FIELDS = ("index", "memory_budget")
+
 
 @dataclass(frozen=True)
 class ScoringConfig:
@@ -41,6 +48,15 @@ class ScoringConfig:
         when scoring starts).
     batch_size : int
         Rows per batch, rounded down to whole store chunks (at least one chunk), >= 1.
+    index : str, optional
+        The ``knn`` bank's persisted store index (``npos index build``): a path (must exist
+        and match the train store), ``"none"`` (never use one), or ``None``: the train
+        store's default index (``TRAIN.index``) when present. Used only where the scoring
+        features are the encoder's (no head, or a head whose projection is the identity).
+    memory_budget : int
+        Bytes of working memory per row block: a batch is scored in blocks of
+        ``memory_budget // (estimated bytes per row)`` rows, so memory does not grow with
+        the batch size, the classes or the RBF centres. ``--memory-budget`` takes 256M, 1G.
     """
 
     scores: tuple[str, ...] | None = None
@@ -49,6 +65,8 @@ class ScoringConfig:
     mcm_temperature: float = 1.0
     device: str = "auto"
     batch_size: int = 65536
+    index: str | None = None
+    memory_budget: int = DEFAULT_SCORING_BUDGET
 
     def __post_init__(self) -> None:
         if self.scores is not None:
@@ -59,6 +77,8 @@ class ScoringConfig:
         if not isinstance(self.device, str):  # None means auto, a torch.device its name
             object.__setattr__(self, "device", "auto" if self.device is None
                                else str(self.device))
+        if self.index is not None and not isinstance(self.index, str):  # a Path
+            object.__setattr__(self, "index", str(self.index))
         self.validate()
 
     def validate(self) -> None:
@@ -67,11 +87,17 @@ class ScoringConfig:
         check_choice("knn_backend", self.knn_backend, knn_backends())
         check_float("mcm_temperature", self.mcm_temperature, 0.0, low_open=True)
         check_int("batch_size", self.batch_size, 1)
+        check_int("memory_budget", self.memory_budget, 1)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (``scores`` as a list or ``None``)."""
+        """JSON-ready dict (``scores`` as a list or ``None``). The fields added for stage two at
+        scale (``index``, ``memory_budget``) appear only when they differ from their
+        defaults, so records of default runs read as before."""
         values = dataclasses.asdict(self)
         values["scores"] = list(self.scores) if self.scores is not None else None
+        for name in _OPTIONAL_FIELDS:
+            if values[name] == ScoringConfig.__dataclass_fields__[name].default:
+                del values[name]
         return values
 
     @classmethod

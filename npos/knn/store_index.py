@@ -1,0 +1,384 @@
+"""One persisted faiss IVF index per feature store: :class:`StoreIndex` (open, check, search).
+
+Built by :func:`npos.knn.store_index_build.build_store_index` (``npos index build``); used by
+the ``knn`` score (``evaluate``/``score --index``) and offered to synthesis and head training.
+
+**Metric**: Euclidean distance between L2-normalized vectors (cosine via L2), as everywhere in
+:mod:`npos.knn`; queries are normalized here. The faiss ids **are the store's row indices**
+(``add_with_ids``), so :meth:`StoreIndex.search` returns store rows.
+
+**On disk** (default: the folder ``STORE.index`` beside a local store, see
+:func:`default_index_path`), written atomically (temporary sibling, then ``os.replace``):
+
+==============  ==========================================================================
+``index.faiss``  the CPU index (``faiss.write_index``): ``IndexIVFFlat`` or ``IndexIVFScalarQuantizer``
+``meta.json``    format, the store's URL, fingerprint, row count and content stamp; nlist,
+                 codec, nprobe and measured recall per k, build settings and timings
+``rows.npy``     the indexed store rows (int64, ascending): valid rows -> store row index
+``heldout.npy``  the held-out query rows (int64) used to tune nprobe
+``queries.npy``  their unit vectors (float32), so later k can be tuned without the store
+``truth.npy``    their exact neighbours (store rows, self excluded), depth max(k)
+==============  ==========================================================================
+
+**Staleness**: the content stamp (:func:`store_stamp`) hashes the row count, dtype, chunking,
+the done mask, the readable-row mask and the bytes of sampled rows; an index whose fingerprint
+or stamp differs from the store's is refused in one line (:class:`IndexMismatchError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from npos.errors import MissingDependencyError, NposError, ParameterError
+from npos.knn import faiss_gpus, import_faiss
+from npos.validation import check_int
+
+FORMAT = "npos.store-index/1"
+INDEX_SUFFIX = ".index"
+INDEX_FILE, META_FILE = "index.faiss", "meta.json"
+ROWS_FILE, HELDOUT_FILE, QUERIES_FILE, TRUTH_FILE = ("rows.npy", "heldout.npy",
+                                                      "queries.npy", "truth.npy")
+#: Stores chunks whose rows enter the content stamp (evenly spaced).
+STAMP_CHUNKS = 8
+#: Query rows per faiss search call (bounds the (rows, k) result blocks).
+SEARCH_BLOCK = 65536
+
+
+class IndexMismatchError(NposError):
+    """An index that was built for another store, or before the store changed."""
+
+
+def default_index_path(store_url: str | os.PathLike) -> str | None:
+    """Where ``npos index build`` puts a store's index: ``STORE.index`` beside a local store
+    (a trailing ``/`` dropped); ``None`` for an fsspec URL (pass ``--out``/``--index``)."""
+    url = str(store_url).rstrip("/")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", url) and not url.startswith("file://"):
+        return None
+    return url.removeprefix("file://") + INDEX_SUFFIX
+
+
+def _unit(x: Any) -> np.ndarray:
+    """(n, D) numpy/torch -> C-contiguous float32 unit rows (a new array)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    x = np.array(x, dtype=np.float32, copy=True, ndmin=2)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x /= np.maximum(norms, 1e-12)
+    return np.ascontiguousarray(x)
+
+
+def store_stamp(store: Any) -> str:
+    """A content stamp of ``store`` (a :class:`~npos.store.FeatureStore`): sha256 of its
+    shape, dtype, chunking, done mask, readable-row mask and the bytes of the rows (and
+    labels) of up to :data:`STAMP_CHUNKS` evenly spaced chunks. Changes when rows are
+    appended, rewritten, invalidated or relabelled in a sampled chunk."""
+    digest = hashlib.sha256()
+    head = [store.n_rows, store.dim, store.dtype, store.chunk_rows]
+    digest.update(json.dumps(head).encode())
+    digest.update(np.packbits(store.done_mask()).tobytes())
+    digest.update(np.packbits(store.readable_rows(complete=False)).tobytes())
+    picks = np.unique(np.linspace(0, store.n_chunks - 1, min(STAMP_CHUNKS, store.n_chunks))
+                      .round().astype(int))
+    for chunk in picks:
+        rows = store.chunk_slice(int(chunk))
+        digest.update(np.ascontiguousarray(store.read_rows("embeddings", rows.start,
+                                                           rows.stop)).tobytes())
+        if store.has("labels"):
+            digest.update(np.ascontiguousarray(store.read_rows("labels", rows.start,
+                                                               rows.stop)).tobytes())
+    return digest.hexdigest()
+
+
+def set_nprobe(index: Any, nprobe: int, *, on_gpu: bool) -> None:
+    """Probe ``nprobe`` lists of a (CPU or GPU, possibly sharded) IVF index."""
+    faiss = import_faiss("an IVF index")
+    if on_gpu:
+        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
+    else:
+        faiss.extract_index_ivf(index).nprobe = int(nprobe)
+
+
+def index_to_gpus(index: Any, *, index_bytes: int) -> Any:
+    """``index`` on all GPUs faiss sees: replicated when it fits one GPU (with a quarter
+    to spare), sharded across them otherwise; inverted lists in float16 where faiss offers
+    it. Not exercised on CPU-only machines."""
+    faiss = import_faiss("a GPU index")
+    options = faiss.GpuMultipleClonerOptions()
+    if hasattr(options, "useFloat16"):
+        options.useFloat16 = True
+    try:
+        import torch
+
+        free = min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+    except Exception:  # no torch CUDA view of the GPUs: shard to be safe
+        free = 0
+    options.shard = index_bytes > 0.75 * free
+    return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
+def recall_of(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean fraction of each row's first ``k`` exact ids (``truth``) among its ``found`` ids
+    (the first ``k`` columns of both)."""
+    hits = 0
+    for start in range(0, len(found), 64):  # (64, k, k) comparisons at a time
+        f, t = found[start:start + 64, :k], truth[start:start + 64, :k]
+        hits += int((t[:, :, None] == f[:, None, :]).any(axis=2).sum())
+    return hits / float(truth[:, :k].size)
+
+
+def drop_rows(dist: np.ndarray, ids: np.ndarray, rows: np.ndarray, k: int,
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` results of each query after removing its own row ``rows[i]`` (the
+    search asked for k + 1; when the own row was not among them the last column goes)."""
+    own = ids == rows[:, None]
+    keep = ~own
+    keep[~own.any(axis=1), -1] = False
+    return (dist[keep].reshape(len(ids), k), ids[keep].reshape(len(ids), k))
+
+
+class StoreIndex:
+    """A store's persisted IVF index. Open with :meth:`open` (or :meth:`find`).
+
+    Attributes
+    ----------
+    path : str
+    meta : dict
+        ``meta.json`` (see the module docstring).
+    rows : ndarray of shape (n,)
+        The indexed store rows (the faiss ids).
+    on_gpu : bool
+    """
+
+    def __init__(self, path: str, meta: dict[str, Any], index: Any, rows: np.ndarray, *,
+                 on_gpu: bool = False) -> None:
+        self.path, self.meta, self.index, self.rows = str(path), meta, index, rows
+        self.on_gpu = on_gpu
+        self._nprobe = {int(k): int(v) for k, v in meta["nprobe"].items()}
+        self._recall = {int(k): float(v) for k, v in meta["recall"].items()}
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def find(cls, path: str | os.PathLike | None, *, store: Any,
+             device: str = "cpu") -> StoreIndex | None:
+        """The index at ``path``, or at the store's default location when ``path`` is
+        ``None`` and one exists there (else ``None``); checked against ``store``."""
+        if path is None:
+            path = default_index_path(store.url)
+            if path is None or not Path(path, META_FILE).is_file():
+                return None
+        return cls.open(path, store=store, device=device)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | None, *, store: Any = None,
+             device: str = "cpu") -> StoreIndex:
+        """Load the index at ``path`` (``None``: the default location of ``store``).
+
+        Parameters
+        ----------
+        store : FeatureStore or str, optional
+            Checked with :meth:`check_store` (refused in one line when it does not match).
+        device : str
+            ``cpu`` keeps it on the CPU; ``auto``/``cuda`` move it to all GPUs faiss sees
+            (``cuda`` without GPU faiss is an error).
+        """
+        from npos.device import resolve_device
+
+        store = _as_store(store)
+        if path is None:
+            if store is None:
+                raise ParameterError("StoreIndex.open needs a path or a store")
+            path = default_index_path(store.url)
+            if path is None:
+                raise ParameterError(f"store {store.url!r} is not a local folder; pass the "
+                                     "index path (--index PATH)")
+        folder = Path(path)
+        meta = _read_meta(folder)
+        faiss = import_faiss(f"index {str(folder)!r}")
+        rows = np.load(folder / ROWS_FILE, allow_pickle=False)
+        index = faiss.read_index(str(folder / INDEX_FILE))
+        self = cls(str(folder), meta, index, rows)
+        if store is not None:
+            self.check_store(store)
+        target = resolve_device(device)
+        if target.type == "cuda":
+            if faiss_gpus() == 0:
+                raise MissingDependencyError(
+                    f"device={device!r} for index {str(folder)!r} needs a GPU build of faiss; "
+                    'install it with: pip install "npos[gpu]"')
+            self.index = index_to_gpus(index, index_bytes=self.size_bytes)
+            self.on_gpu = True
+        return self
+
+    def check_store(self, store: Any) -> None:
+        """Raise :class:`IndexMismatchError` unless this index was built from ``store`` as it
+        is now (same fingerprint, row count and content stamp)."""
+        store = _as_store(store)
+        built = self.meta["store"]
+        what = f"index {self.path!r}"
+        if dict(built["fingerprint"]) != store.fingerprint() or built["dim"] != store.dim:
+            raise IndexMismatchError(
+                f"{what} was built for another store ({built['url']!r}, model "
+                f"{built['fingerprint'].get('model')!r}), not {store.url!r}; rebuild it with "
+                f"'npos index build {store.url}'")
+        if built["n_rows"] != store.n_rows or built["stamp"] != store_stamp(store):
+            raise IndexMismatchError(
+                f"{what} is stale: store {store.url!r} changed since the index was built "
+                f"({built['n_rows']} rows then, {store.n_rows} now); rebuild it with "
+                f"'npos index build {store.url} --overwrite'")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n(self) -> int:
+        """Indexed rows."""
+        return int(self.meta["n_indexed"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["store"]["dim"])
+
+    @property
+    def nlist(self) -> int:
+        return int(self.meta["nlist"])
+
+    @property
+    def nprobe(self) -> dict[int, int]:
+        """nprobe per tuned k (tuned at build time, or later from the stored held-out rows)."""
+        return dict(self._nprobe)
+
+    @property
+    def recall(self) -> dict[int, float]:
+        """Recall@k measured on the held-out rows behind each nprobe."""
+        return dict(self._recall)
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the index file (about its memory on the CPU)."""
+        return int(Path(self.path, INDEX_FILE).stat().st_size)
+
+    def info(self) -> dict[str, Any]:
+        """What ``npos index info`` prints."""
+        meta = self.meta
+        return {"path": self.path, "store": meta["store"]["url"], "rows": self.n,
+                "dim": self.dim, "codec": meta["codec"], "nlist": self.nlist,
+                "nprobe": {str(k): v for k, v in sorted(self._nprobe.items())},
+                "recall": {str(k): round(v, 4) for k, v in sorted(self._recall.items())},
+                "target_recall": meta["target_recall"], "heldout": meta["heldout"],
+                "size_bytes": self.size_bytes, "built": meta["created"],
+                "build_seconds": meta.get("build_seconds")}
+
+    # ------------------------------------------------------------------ searching
+    def nprobe_for(self, k: int) -> int:
+        """nprobe for depth ``k``: tuned at build time, or tuned now on the stored held-out
+        rows (k up to their depth)."""
+        if k not in self._nprobe:
+            from npos.knn.store_index_build import tune_nprobe
+
+            truth = np.load(Path(self.path, TRUTH_FILE), allow_pickle=False)
+            if k > truth.shape[1]:
+                raise ParameterError(
+                    f"k={k} is deeper than index {self.path!r} was tuned for (at most "
+                    f"{truth.shape[1]}); rebuild it with --k {k}")
+            heldout = np.load(Path(self.path, HELDOUT_FILE), allow_pickle=False)
+            queries = np.load(Path(self.path, QUERIES_FILE), allow_pickle=False)
+            self._nprobe[k], self._recall[k] = tune_nprobe(
+                self, queries, heldout, truth, k, self.meta["target_recall"])
+        return self._nprobe[k]
+
+    def _search_unit(self, unit: np.ndarray, k: int, nprobe: int,
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        set_nprobe(self.index, min(nprobe, self.nlist), on_gpu=self.on_gpu)
+        d2, ids = self.index.search(unit, k)
+        dist = np.sqrt(np.clip(d2, 0.0, None))
+        dist[ids < 0] = np.inf
+        return dist, ids
+
+    def search(self, queries: Any, k: int, *, exclude_rows: Any = None,
+               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest indexed rows of each query (normalized here).
+
+        Parameters
+        ----------
+        queries : ndarray or Tensor of shape (n, D)
+        k : int
+        exclude_rows : array of shape (n,), optional
+            A store row per query that must not count as its neighbour (the query itself).
+        nprobe : int, optional
+            Lists probed (default :meth:`nprobe_for` k).
+
+        Returns
+        -------
+        D : ndarray of shape (n, k)
+            float32 distances, ascending (+inf where the probed lists held fewer than k).
+        I : ndarray of shape (n, k)
+            int64 store rows (-1 there).
+        """
+        check_int("k", k, 1, self.n - (exclude_rows is not None), owner="the store index")
+        probe = nprobe if nprobe is not None else self.nprobe_for(k)
+        depth = k + (exclude_rows is not None)
+        dists, ids = [], []
+        unit_all = queries
+        for start in range(0, len(unit_all), SEARCH_BLOCK):
+            unit = _unit(unit_all[start:start + SEARCH_BLOCK])
+            if unit.shape[1] != self.dim:
+                raise ParameterError(f"queries have dimension {unit.shape[1]} but index "
+                                     f"{self.path!r} has dimension {self.dim}")
+            d, i = self._search_unit(unit, depth, probe)
+            if exclude_rows is not None:
+                own = np.asarray(exclude_rows[start:start + SEARCH_BLOCK], dtype=np.int64)
+                d, i = drop_rows(d, i, own, k)
+            dists.append(d)
+            ids.append(i)
+        if not dists:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return np.concatenate(dists), np.concatenate(ids)
+
+    def kth_distance(self, queries: Any, k: int, *, exclude_self: bool = False,
+                     rows: Any = None) -> np.ndarray:
+        """Distance of each query to its k-th nearest indexed row, shape (n,).
+
+        With ``exclude_self`` the queries are indexed rows: ``rows`` gives their store rows
+        (default: all indexed rows in order, i.e. ``queries`` is every valid row), and a row
+        never counts as its own neighbour.
+        """
+        if exclude_self and rows is None:
+            if len(queries) != self.n:
+                raise ParameterError(
+                    f"exclude_self needs the store rows of the queries (rows=...), or all "
+                    f"{self.n} indexed rows as queries; got {len(queries)} rows")
+            rows = self.rows
+        dist, _ = self.search(queries, k, exclude_rows=rows if exclude_self else None)
+        return dist[:, k - 1] if len(dist) else np.zeros(0, np.float32)
+
+    def __repr__(self) -> str:
+        return (f"StoreIndex({self.path!r}, rows={self.n}, codec={self.meta['codec']!r}, "
+                f"nlist={self.nlist})")
+
+
+def _as_store(store: Any) -> Any:
+    if store is None or hasattr(store, "fingerprint"):
+        return store
+    from npos.store import FeatureStore
+
+    return FeatureStore.open(str(store))
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    meta_file = folder / META_FILE
+    if not meta_file.is_file():
+        raise IndexMismatchError(f"no store index at {str(folder)!r} (expected a folder "
+                                 f"with {META_FILE}; build one with 'npos index build')")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise IndexMismatchError(f"{str(meta_file)!r} is not valid JSON: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise IndexMismatchError(f"{str(folder)!r} is not an npos store index (format="
+                                 f"{meta.get('format')!r}, expected {FORMAT!r})")
+    return meta
