@@ -10,15 +10,14 @@ the ``knn`` score (``evaluate``/``score --index``) and offered to synthesis and 
 **On disk** (default: the folder ``STORE.index`` beside a local store, see
 :func:`default_index_path`), written atomically (temporary sibling, then ``os.replace``):
 
-==============  ==========================================================================
-``index.faiss``  the CPU index (``faiss.write_index``): ``IndexIVFFlat`` or ``IndexIVFScalarQuantizer``
-``meta.json``    format, the store's URL, fingerprint, row count and content stamp; nlist,
-                 codec, nprobe and measured recall per k, build settings and timings
-``rows.npy``     the indexed store rows (int64, ascending): valid rows -> store row index
-``heldout.npy``  the held-out query rows (int64) used to tune nprobe
-``queries.npy``  their unit vectors (float32), so later k can be tuned without the store
-``truth.npy``    their exact neighbours (store rows, self excluded), depth max(k)
-==============  ==========================================================================
+* ``index.faiss``: the CPU index (``faiss.write_index``), ``IndexIVFFlat`` or
+  ``IndexIVFScalarQuantizer``;
+* ``meta.json``: format, the store's URL, fingerprint, row count and content stamp; nlist,
+  codec, nprobe and measured recall per k, build settings and timings;
+* ``rows.npy``: the indexed store rows (int64, ascending), i.e. valid rows -> store row;
+* ``heldout.npy``: the held-out query rows (int64) nprobe was tuned on;
+* ``queries.npy``: their unit vectors (float32), so later k are tuned without the store;
+* ``truth.npy``: their exact neighbours (store rows, self excluded), depth ``max(k)``.
 
 **Staleness**: the content stamp (:func:`store_stamp`) hashes the row count, dtype, chunking,
 the done mask, the readable-row mask and the bytes of sampled rows; an index whose fingerprint
@@ -46,7 +45,7 @@ INDEX_FILE, META_FILE = "index.faiss", "meta.json"
 ROWS_FILE, HELDOUT_FILE, QUERIES_FILE, TRUTH_FILE = ("rows.npy", "heldout.npy",
                                                       "queries.npy", "truth.npy")
 #: Stores chunks whose rows enter the content stamp (evenly spaced).
-STAMP_CHUNKS = 8
+STAMP_CHUNKS = 16
 #: Query rows per faiss search call (bounds the (rows, k) result blocks).
 SEARCH_BLOCK = 65536
 
@@ -76,14 +75,19 @@ def _unit(x: Any) -> np.ndarray:
 
 def store_stamp(store: Any) -> str:
     """A content stamp of ``store`` (a :class:`~npos.store.FeatureStore`): sha256 of its
-    shape, dtype, chunking, done mask, readable-row mask and the bytes of the rows (and
-    labels) of up to :data:`STAMP_CHUNKS` evenly spaced chunks. Changes when rows are
-    appended, rewritten, invalidated or relabelled in a sampled chunk."""
+    shape, dtype, chunking, done mask, readable-row mask, the compressed sizes of its
+    embeddings/labels/valid arrays (zarr ``nbytes_stored``, a listing, no reads) and the bytes
+    of the rows (and labels) of up to :data:`STAMP_CHUNKS` evenly spaced chunks. Changes when
+    rows are appended, invalidated, or rewritten with other values (a rewrite that keeps every
+    compressed size and misses the sampled chunks is the blind spot)."""
     digest = hashlib.sha256()
     head = [store.n_rows, store.dim, store.dtype, store.chunk_rows]
     digest.update(json.dumps(head).encode())
     digest.update(np.packbits(store.done_mask()).tobytes())
     digest.update(np.packbits(store.readable_rows(complete=False)).tobytes())
+    for name in ("embeddings", "labels", "valid"):  # compressed sizes: any rewrite shows
+        if store.has(name):
+            digest.update(str(store.array(name).nbytes_stored()).encode())
     picks = np.unique(np.linspace(0, store.n_chunks - 1, min(STAMP_CHUNKS, store.n_chunks))
                       .round().astype(int))
     for chunk in picks:
@@ -276,7 +280,10 @@ class StoreIndex:
     # ------------------------------------------------------------------ searching
     def nprobe_for(self, k: int) -> int:
         """nprobe for depth ``k``: tuned at build time, or tuned now on the stored held-out
-        rows (k up to their depth)."""
+        rows (k up to their depth); a single list needs no tuning (exact)."""
+        if self.nlist == 1:
+            self._recall.setdefault(k, 1.0)
+            return 1
         if k not in self._nprobe:
             from npos.knn.store_index_build import tune_nprobe
 
