@@ -35,9 +35,9 @@ def command() -> None:
 @click.argument("store")
 @click.option("--out", metavar="PATH", help="Index folder. Default: STORE.index beside the "
                                             "store.")
-@click.option("--codec", default="flat", show_default=True, metavar="flat|sq8",
-              help="flat: float32 lists (4 bytes/dim); sq8: 8-bit scalar quantizer "
-                   "(1 byte/dim).")
+@click.option("--codec", default="flat", show_default=True, metavar="flat|fp16|sq8",
+              help="flat: float32 lists (4 bytes/dim); fp16: float16 lists (2 bytes/dim); "
+                   "sq8: 8-bit scalar quantizer (1 byte/dim).")
 @click.option("--nlist", default="auto", show_default=True, metavar="auto|N",
               help="IVF lists (auto: 4 sqrt(rows) as a power of two, ~100 rows per list).")
 @click.option("--target-recall", type=float, default=0.95, show_default=True,

@@ -37,6 +37,7 @@ import numpy as np
 
 from npos.errors import MissingDependencyError, NposError, ParameterError
 from npos.knn import faiss_gpus, import_faiss
+from npos.knn.ivf import index_to_gpus, set_nprobe
 from npos.validation import check_int
 
 FORMAT = "npos.store-index/1"
@@ -98,33 +99,6 @@ def store_stamp(store: Any) -> str:
             digest.update(np.ascontiguousarray(store.read_rows("labels", rows.start,
                                                                rows.stop)).tobytes())
     return digest.hexdigest()
-
-
-def set_nprobe(index: Any, nprobe: int, *, on_gpu: bool) -> None:
-    """Probe ``nprobe`` lists of a (CPU or GPU, possibly sharded) IVF index."""
-    faiss = import_faiss("an IVF index")
-    if on_gpu:
-        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
-    else:
-        faiss.extract_index_ivf(index).nprobe = int(nprobe)
-
-
-def index_to_gpus(index: Any, *, index_bytes: int) -> Any:
-    """``index`` on all GPUs faiss sees: replicated when it fits one GPU (with a quarter
-    to spare), sharded across them otherwise; inverted lists in float16 where faiss offers
-    it. Not exercised on CPU-only machines."""
-    faiss = import_faiss("a GPU index")
-    options = faiss.GpuMultipleClonerOptions()
-    if hasattr(options, "useFloat16"):
-        options.useFloat16 = True
-    try:
-        import torch
-
-        free = min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
-    except Exception:  # no torch CUDA view of the GPUs: shard to be safe
-        free = 0
-    options.shard = index_bytes > 0.75 * free
-    return faiss.index_cpu_to_all_gpus(index, co=options)
 
 
 def recall_of(found: np.ndarray, truth: np.ndarray, k: int) -> float:
@@ -298,16 +272,22 @@ class StoreIndex:
                 self, queries, heldout, truth, k, self.meta["target_recall"])
         return self._nprobe[k]
 
-    def _search_unit(self, unit: np.ndarray, k: int, nprobe: int,
+    def _search_unit(self, unit: np.ndarray, k: int, nprobe: int, selector: Any = None,
                      ) -> tuple[np.ndarray, np.ndarray]:
-        set_nprobe(self.index, min(nprobe, self.nlist), on_gpu=self.on_gpu)
-        d2, ids = self.index.search(unit, k)
+        nprobe = min(nprobe, self.nlist)
+        if selector is not None:  # per-call parameters: the index's own nprobe is untouched
+            faiss = import_faiss("a filtered search")
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+            d2, ids = self.index.search(unit, k, params=params)
+        else:
+            set_nprobe(self.index, nprobe, on_gpu=self.on_gpu)
+            d2, ids = self.index.search(unit, k)
         dist = np.sqrt(np.clip(d2, 0.0, None))
         dist[ids < 0] = np.inf
         return dist, ids
 
     def search(self, queries: Any, k: int, *, exclude_rows: Any = None,
-               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               nprobe: int | None = None, among: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest indexed rows of each query (normalized here).
 
         Parameters
@@ -318,6 +298,11 @@ class StoreIndex:
             A store row per query that must not count as its neighbour (the query itself).
         nprobe : int, optional
             Lists probed (default :meth:`nprobe_for` k).
+        among : array of int, optional
+            Search only these store rows (e.g. one class: a label filter; a faiss
+            ``IDSelectorBatch``, CPU only). The tuned nprobe assumed every row eligible: a
+            small subset leaves fewer candidates in the probed lists, so pass a larger
+            ``nprobe`` (missing neighbours come back as -1 / +inf).
 
         Returns
         -------
@@ -328,6 +313,13 @@ class StoreIndex:
         """
         check_int("k", k, 1, self.n - (exclude_rows is not None), owner="the store index")
         probe = nprobe if nprobe is not None else self.nprobe_for(k)
+        selector = None
+        if among is not None:
+            if self.on_gpu:
+                raise ParameterError("a filtered search (among=...) runs on a CPU index; "
+                                     "open it with device='cpu'")
+            selector = import_faiss("a filtered search").IDSelectorBatch(
+                np.ascontiguousarray(among, dtype=np.int64))
         depth = k + (exclude_rows is not None)
         dists, ids = [], []
         unit_all = queries
@@ -336,7 +328,7 @@ class StoreIndex:
             if unit.shape[1] != self.dim:
                 raise ParameterError(f"queries have dimension {unit.shape[1]} but index "
                                      f"{self.path!r} has dimension {self.dim}")
-            d, i = self._search_unit(unit, depth, probe)
+            d, i = self._search_unit(unit, depth, probe, selector)
             if exclude_rows is not None:
                 own = np.asarray(exclude_rows[start:start + SEARCH_BLOCK], dtype=np.int64)
                 d, i = drop_rows(d, i, own, k)
@@ -347,12 +339,13 @@ class StoreIndex:
         return np.concatenate(dists), np.concatenate(ids)
 
     def kth_distance(self, queries: Any, k: int, *, exclude_self: bool = False,
-                     rows: Any = None) -> np.ndarray:
+                     rows: Any = None, **search_options: Any) -> np.ndarray:
         """Distance of each query to its k-th nearest indexed row, shape (n,).
 
         With ``exclude_self`` the queries are indexed rows: ``rows`` gives their store rows
         (default: all indexed rows in order, i.e. ``queries`` is every valid row), and a row
-        never counts as its own neighbour.
+        never counts as its own neighbour. ``search_options`` (``nprobe``, ``among``) go to
+        :meth:`search`.
         """
         if exclude_self and rows is None:
             if len(queries) != self.n:
@@ -360,7 +353,8 @@ class StoreIndex:
                     f"exclude_self needs the store rows of the queries (rows=...), or all "
                     f"{self.n} indexed rows as queries; got {len(queries)} rows")
             rows = self.rows
-        dist, _ = self.search(queries, k, exclude_rows=rows if exclude_self else None)
+        dist, _ = self.search(queries, k, exclude_rows=rows if exclude_self else None,
+                              **search_options)
         return dist[:, k - 1] if len(dist) else np.zeros(0, np.float32)
 
     def __repr__(self) -> str:

@@ -40,7 +40,9 @@ from npos.knn.store_index import (FORMAT, HELDOUT_FILE, INDEX_FILE, META_FILE, Q
                                   drop_rows, recall_of, store_stamp)
 from npos.validation import check_choice, check_float, check_int, fail, format_size
 
-CODECS = ("flat", "sq8")
+#: ``flat``: float32 lists; ``fp16``: float16 lists (scalar quantizer, 2 bytes/dim, CPU and
+#: GPU); ``sq8``: 8-bit scalar quantizer (1 byte/dim, approximate distances).
+CODECS = ("flat", "fp16", "sq8")
 #: Default working memory of a build (the index itself comes on top).
 DEFAULT_BUILD_BUDGET = 1 << 30
 #: Held-out query rows used to tune nprobe (at most a tenth of the rows).
@@ -99,8 +101,9 @@ def _empty_index(dim: int, nlist: int, codec: str) -> Any:
     if codec == "flat":
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_L2)
     else:
-        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist,
-                                              faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_L2)
+        kind = faiss.ScalarQuantizer.QT_fp16 if codec == "fp16" else \
+            faiss.ScalarQuantizer.QT_8bit
+        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, kind, faiss.METRIC_L2)
     index.own_fields = True
     quantizer.this.disown()  # the index owns (and frees) its quantizer
     return index
@@ -108,27 +111,33 @@ def _empty_index(dim: int, nlist: int, codec: str) -> Any:
 
 class _ExactTopK:
     """The exact ``depth`` nearest rows of fixed unit queries, merged block by block over the
-    bank (largest dot products; the query's own store row excluded)."""
+    bank (largest dot products; the query's own store row excluded). Holds one (Q, B)
+    float32 similarity block at a time: the block's top ``depth`` are merged with the running
+    (Q, depth) best, so no (Q, B) index or mask array is ever built."""
 
     def __init__(self, queries: np.ndarray, query_rows: np.ndarray, depth: int) -> None:
         import torch
 
         self.q = torch.from_numpy(queries)
-        self.own = torch.from_numpy(query_rows)
+        self.own = query_rows  # ascending store rows
+        self.depth = depth
         self.sims = torch.full((len(queries), depth), -math.inf)
         self.ids = torch.full((len(queries), depth), -1, dtype=torch.int64)
 
     def update(self, unit: np.ndarray, rows: np.ndarray) -> None:
         import torch
 
-        block_rows = torch.from_numpy(rows)
         sims = self.q @ torch.from_numpy(unit).T  # (Q, B)
-        sims[self.own[:, None] == block_rows[None, :]] = -math.inf
-        sims = torch.cat([self.sims, sims], dim=1)
-        ids = torch.cat([self.ids, block_rows.expand(len(self.q), -1)], dim=1)
-        depth = self.sims.shape[1]
-        top = sims.topk(min(depth, sims.shape[1]), dim=1)
-        self.sims, self.ids = top.values, ids.gather(1, top.indices)
+        # queries whose own row is in this block: that similarity must not count
+        pos = np.searchsorted(rows, self.own)
+        hit = (pos < len(rows)) & (rows[np.minimum(pos, len(rows) - 1)] == self.own)
+        sims[torch.from_numpy(np.flatnonzero(hit)), torch.from_numpy(pos[hit])] = -math.inf
+        top = sims.topk(min(self.depth, sims.shape[1]), dim=1)
+        del sims
+        block_ids = torch.from_numpy(rows)[top.indices]
+        merged = torch.cat([self.sims, top.values], dim=1).topk(self.depth, dim=1)
+        self.sims = merged.values
+        self.ids = torch.cat([self.ids, block_ids], dim=1).gather(1, merged.indices)
 
     def result(self) -> np.ndarray:
         return self.ids.numpy()
@@ -165,9 +174,10 @@ def build_store_index(store: Any, out: str | None = None, *, codec: str = "flat"
         A complete store (any kind with embeddings).
     out : str, optional
         The index folder (default :func:`~npos.knn.store_index.default_index_path`).
-    codec : {"flat", "sq8"}
-        ``flat``: float32 lists (``IndexIVFFlat``, 4 bytes/dim); ``sq8``: 8-bit scalar
-        quantizer (``IndexIVFScalarQuantizer``, 1 byte/dim, approximate distances).
+    codec : {"flat", "fp16", "sq8"}
+        ``flat``: float32 lists (``IndexIVFFlat``, 4 bytes/dim); ``fp16``: float16 lists
+        (``IndexIVFScalarQuantizer`` QT_fp16, 2 bytes/dim); ``sq8``: 8-bit scalar quantizer
+        (1 byte/dim, approximate distances).
     nlist : int or "auto"
         IVF lists; ``auto`` is :func:`~npos.knn.ivf.ivf_nlist` of the row count.
     target_recall : float

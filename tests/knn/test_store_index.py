@@ -53,6 +53,11 @@ def test_flat_single_list_equals_exact_reference(store, tmp_path):
     d_k = index.kth_distance(x, 7, exclude_self=True)
     ref = _exact(x, x, 7, exclude=np.arange(len(x)))[0][:, -1]
     np.testing.assert_allclose(d_k, ref, atol=1e-5)
+    # the held-out rows' exact answers, merged block by block during the build
+    held = np.load(f"{index.path}/heldout.npy")
+    truth = np.load(f"{index.path}/truth.npy")
+    assert len(held) == 300 and truth.shape == (300, 5)
+    assert (truth == _exact(x[held], x, 5, exclude=held)[1]).mean() > 0.99
 
 
 def test_invalid_rows_are_left_out_and_ids_are_store_rows(tmp_path):
@@ -72,7 +77,7 @@ def test_invalid_rows_are_left_out_and_ids_are_store_rows(tmp_path):
     assert (ids == np.flatnonzero(valid)[ref]).mean() > 0.98
 
 
-@pytest.mark.parametrize("codec", ["flat", "sq8"])
+@pytest.mark.parametrize("codec", ["flat", "fp16", "sq8"])
 def test_ivf_recall_reaches_target_on_new_queries(tmp_path, make_store, codec):
     x = _clustered(20000, seed=1)
     fs = make_store(tmp_path / "big.zarr", x, chunk_rows=1000)
@@ -85,8 +90,8 @@ def test_ivf_recall_reaches_target_on_new_queries(tmp_path, make_store, codec):
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, ref)])
     # the tuned estimate comes from 1000 held-out rows: allow its sampling error
     assert recall >= 0.93, recall
-    if codec == "sq8":
-        assert index.size_bytes < 0.4 * 20000 * 16 * 4
+    per_dim = {"flat": 4, "fp16": 2, "sq8": 1}[codec]  # + 8 id bytes per row, + quantizer
+    assert index.size_bytes < 20000 * (16 * per_dim + 8) + 64 * 16 * 4 + 65536
 
 
 def test_later_k_is_tuned_from_stored_heldout_rows(store):
@@ -135,7 +140,8 @@ def test_cli_build_info_and_bad_input(store, tmp_path):
     text = runner.invoke(cli, ["index", "info", out]).output
     assert "nprobe" in text and "recall" in text and "size_bytes" in text
     bad = {
-        ("--codec", "pq4"): "'--codec' parameter of index build must be one of 'flat', 'sq8'",
+        ("--codec", "pq4"): "'--codec' parameter of index build must be one of 'flat', "
+                            "'fp16', 'sq8'",
         ("--memory-budget", "100K"): "'--memory-budget' parameter of index build must be at "
                                      "least 2M",
         ("--nlist", "5000"): "at most the 3000 valid rows of the store; auto = ",
@@ -148,3 +154,16 @@ def test_cli_build_info_and_bad_input(store, tmp_path):
         assert message in result.output and len(result.output.strip().splitlines()) == 1
     again = runner.invoke(cli, ["index", "build", fs.url, "--out", out])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_search_among_a_subset_is_a_label_filter(store):
+    fs, x = store
+    labels = np.arange(3000) % 3
+    index = build_store_index(fs, nlist=1, ks=(4,))
+    rows = np.flatnonzero(labels == 1)
+    queries = x[rows[:30]]
+    d_k = index.kth_distance(queries, 4, exclude_self=True, rows=rows[:30], among=rows)
+    ref = _exact(queries, x[rows], 4, exclude=np.arange(30))[0][:, -1]
+    np.testing.assert_allclose(d_k, ref, atol=1e-5)
+    _, ids = index.search(queries, 4, among=rows)
+    assert np.isin(ids, rows).all()
