@@ -48,6 +48,8 @@ DEFAULT_BUILD_BUDGET = 1 << 30
 #: Held-out query rows used to tune nprobe (at most a tenth of the rows).
 DEFAULT_HELDOUT = 1000
 DEFAULT_KS = (50,)
+#: faiss warns below this many training rows per list (``min_points_per_centroid``).
+TRAIN_MIN_PER_LIST = 39
 
 
 def _bytes_per_row(store: Any) -> int:
@@ -92,6 +94,12 @@ def _check_options(store: Any, n: int, codec: str, nlist: Any, ks: Sequence[int]
         fail("--memory-budget", format_size(budget), f"at least {format_size(need)}",
              owner=owner, why=f" (one chunk of {store.chunk_rows} rows x {store.dim} dims "
                               "and the held-out similarities)")
+    # half the budget holds the training sample: at least faiss's minimum rows per list
+    train_need = 2 * 4 * store.dim * min(n, TRAIN_MIN_PER_LIST * nlist)
+    if budget < train_need:
+        fail("--memory-budget", format_size(budget), f"at least {format_size(train_need)}",
+             owner=owner, why=f" (k-means needs {TRAIN_MIN_PER_LIST} training rows per list "
+                              f"for nlist {nlist}; or pass a smaller --nlist)")
     return nlist, need
 
 

@@ -167,3 +167,10 @@ def test_search_among_a_subset_is_a_label_filter(store):
     np.testing.assert_allclose(d_k, ref, atol=1e-5)
     _, ids = index.search(queries, 4, among=rows)
     assert np.isin(ids, rows).all()
+
+
+def test_budget_too_small_for_the_training_sample_names_a_value(tmp_path, make_store):
+    fs = make_store(tmp_path / "wide.zarr", _clustered(20000, dim=256), chunk_rows=100)
+    with pytest.raises(Exception, match=r"at least 10M \(k-means needs 39 training rows per "
+                                        r"list for nlist 128; or pass a smaller --nlist\)"):
+        build_store_index(fs, nlist=128, memory_budget=2 << 20)
