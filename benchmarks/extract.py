@@ -18,9 +18,9 @@ GPU the ratio is >= 0.9 (the data path is never the bottleneck); on a CPU the wr
 
 Examples::
 
-    python benchmarks/extract.py                                  # npos-tiny, 2048 images
-    python benchmarks/extract.py --model ViT-B-32 --pretrained none --images 256
-    python benchmarks/extract.py --data /path/to/imagenet/val --images 50000 --device cuda
+    python -m benchmarks.extract                                  # npos-tiny, 2048 images
+    python -m benchmarks.extract --model ViT-B-32 --pretrained none --images 256
+    python -m benchmarks.extract --data /path/to/imagenet/val --images 50000 --device cuda
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,12 +36,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from npos.device import resolve_device  # noqa: E402
-from npos.encoder import autocast, load_encoder  # noqa: E402
-from npos.extract import FeatureExtractor  # noqa: E402
-from npos.extract.datasets import decode_image, load_image_source  # noqa: E402
+from npos.device import resolve_device
+from npos.encoder import autocast, load_encoder
+from npos.extract import FeatureExtractor
+from npos.extract.datasets import decode_image, load_image_source
 
 
 def make_images(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:

@@ -12,7 +12,7 @@ the frozen blocks saves per training step.
 
 Random-init weights (no download) and random tokens: speed does not depend on the values.
 
-    python benchmarks/finetune.py [--rows 1024] [--batch-size 64] [--steps 5]
+    python -m benchmarks.finetune [--rows 1024] [--batch-size 64] [--steps 5]
 """
 
 from __future__ import annotations

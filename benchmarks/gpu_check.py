@@ -1,7 +1,7 @@
 """One command that tells the whole truth about npos on a GPU: ``pytest -m cuda`` plus every
 GPU measurement, each as a ratio against a baseline measured in the same run.
 
-    PYTHONPATH=. python benchmarks/gpu_check.py [--out DIR] [--quick] [--only NAME ...]
+    PYTHONPATH=. python -m benchmarks.gpu_check [--out DIR] [--quick] [--only NAME ...]
 
 Writes ``DIR/gpu_check.md`` and ``DIR/gpu_check.json`` (default ``./gpu_check``), rewritten
 after every check so that a crash keeps what was measured. Checks (sizes in :data:`FULL`;

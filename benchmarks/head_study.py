@@ -2,7 +2,7 @@
 
 Two feature benchmarks, both as plain feature stores (nothing here is CLIP):
 
-* ``world`` — :func:`npos.train_head.benchmark_data.make_feature_world` at D=512: curved,
+* ``world`` — :func:`benchmarks.feature_world.make_feature_world` at D=512: curved,
   multi-modal classes crowded into a 16-dim subspace, CLIP-like raw norms and text
   embeddings; OOD = held-out classes of the same family and ID points pushed off their arc.
 * ``digits`` — scikit-learn's 8x8 digits as raw 64-dim pixel vectors: digits 0-5 are ID
@@ -29,8 +29,8 @@ set, averaged over seeds (mean ± std).
 
 Usage::
 
-    python benchmarks/head_study.py                       # everything, 3 seeds
-    python benchmarks/head_study.py --datasets digits --variants ablation npos-rbf \
+    python -m benchmarks.head_study                       # everything, 3 seeds
+    python -m benchmarks.head_study --datasets digits --variants ablation npos-rbf \
         --set epochs=20 --set synthesis.sigma=0.05 --seeds 0
 
 ``--set`` overrides a :class:`~npos.train_head.HeadConfig` field (``synthesis.x`` for the
@@ -52,9 +52,9 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from benchmarks.feature_world import FeatureWorld, make_feature_world, write_world
 from npos.synthesize import SynthesisConfig
 from npos.train_head import HeadConfig, HeadModel, load_head, train_head
-from npos.train_head.benchmark_data import FeatureWorld, make_feature_world, write_world
 
 KNN_K = 10
 

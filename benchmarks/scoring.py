@@ -15,7 +15,7 @@ The data are generated, not real embeddings: unit vectors drawn around ``--clust
 centres (cosine to the centre ~0.8, like CLIP image embeddings of one class), queries drawn
 from the same mixture. IVF recall depends on this structure; report it with the numbers.
 
-Usage: ``python benchmarks/scoring.py [--rows 200000] [--bank 200000] [--queries 5000]``
+Usage: ``python -m benchmarks.scoring [--rows 200000] [--bank 200000] [--queries 5000]``
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def measure_knn(bank: np.ndarray, queries: np.ndarray, k: int, *, device: str = 
     base, exact_dist, exact_ids = exact[1], exact[2], exact[3]
 
     def quality(dist, ids):
-        hits = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ids, exact_ids)])
+        hits = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ids, exact_ids, strict=True)])
         return float(hits), float(np.max(np.abs(dist[:, k - 1] - exact_dist[:, k - 1])))
 
     for backend, (fit_s, search_s, dist, ids, index) in results.items():

@@ -20,7 +20,7 @@ peak working memory of each (CPU: the process's resident-set high-water mark abo
 held before, via /proc; CUDA: ``torch.cuda.max_memory_allocated``). ``--primitives`` also
 times the k-th-value candidates on one (classes, rows, Q) similarity block.
 
-    python benchmarks/synthesis.py --shape in100 --classes 20
+    python -m benchmarks.synthesis --shape in100 --classes 20
 """
 
 from __future__ import annotations
@@ -268,7 +268,8 @@ def measure_shape(shape: dict, device: torch.device, *, repeat: int = 2, loop: s
     first = (res.labels < n_loop).cpu()
     close = torch.isclose(res.knn_distance.cpu()[first], loop_d.float(), atol=1e-4).float().mean()
     same = torch.isclose(res.outliers.cpu()[first], loop_out, atol=1e-3).all(dim=1).float().mean()
-    out.update(loop_classes=n_loop, loop_extrapolated=n_loop < len(banks), loop_s=t_loop, loop_peak_bytes=m_loop, loop_over_engine=t_loop / t_engine,
+    out.update(loop_classes=n_loop, loop_extrapolated=n_loop < len(banks), loop_s=t_loop,
+               loop_peak_bytes=m_loop, loop_over_engine=t_loop / t_engine,
                same_outliers=float(same), same_distances=float(close),
                median_distance_engine=float(res.knn_distance.median()),
                median_distance_loop=float(loop_d.median()))

@@ -14,7 +14,6 @@ go through the ``npos`` logger to stderr (:mod:`npos.log`; ``-q`` / ``-v``).
 
 from __future__ import annotations
 
-import sys
 
 import click
 
@@ -102,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

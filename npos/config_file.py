@@ -101,7 +101,8 @@ def _leaf_tables(data: Mapping[str, Any], commands: Mapping[str, click.Command],
     tables: dict[str, dict[str, Any]] = {}
     for name, value in data.items():
         command: click.Command | None = None
-        level, label = commands, where
+        level: Mapping[str, click.Command] | None = commands
+        label = where
         # ["store import"] and [store.import] are the same table
         for part in name.split() or [name]:
             command = level.get(part) if level is not None else None
@@ -127,7 +128,8 @@ def split_config(data: Mapping[str, Any], root: click.Command,
     table names a command and every key an option (of its command; top-level keys: of at
     least one command). Returns ``(top_level, {"train-head": {...}, "store.import": {...}})``.
     """
-    commands = root.commands if isinstance(root, click.Group) else {root.name: root}
+    commands: Mapping[str, click.Command] = (
+        root.commands if isinstance(root, click.Group) else {str(root.name): root})
     is_table = {name: isinstance(value, dict) for name, value in data.items()}
     top = {k: v for k, v in data.items() if not is_table[k]}
     tables = _leaf_tables({k: v for k, v in data.items() if is_table[k]}, commands, "", path)
@@ -210,13 +212,13 @@ def config_defaults(ctx: click.Context, path: str) -> dict[str, Any]:
     """The ``default_map`` the file at ``path`` gives the command of ``ctx``: top-level keys
     the command has, overridden by its own table; checked as described in the module
     docstring."""
-    names = []
+    names: list[str] = []
     node: click.Context | None = ctx
     while node is not None and node.parent is not None:
-        names.append(node.command.name)
+        names.append(str(node.command.name))
         node = node.parent
     root = ctx.find_root().command
-    label = ".".join(reversed(names)) if names else ctx.command.name
+    label = ".".join(reversed(names)) if names else str(ctx.command.name)
     top, tables = split_config(read_config_file(path), root, path)
     keys = option_keys(ctx.command)
     defaults: dict[str, Any] = {}

@@ -42,9 +42,11 @@ def check_int(name: str, value: Any, low: int, high: int | None = None, *,
     ``high_closed``; no upper bound when ``high`` is None), or None with ``allow_none``."""
     if value is None and allow_none:
         return
-    ok = isinstance(value, Integral) and not isinstance(value, bool) and value >= low
-    if ok and high is not None:
-        ok = value <= high if high_closed else value < high
+    ok = isinstance(value, Integral) and not isinstance(value, bool)
+    if ok:
+        number = int(value)
+        ok = number >= low and (high is None or (number <= high if high_closed
+                                                 else number < high))
     if not ok:
         upper = "inf)" if high is None else f"{high}{']' if high_closed else ')'}"
         _fail(name, value, f"an int in the range [{low}, {upper}"
@@ -58,9 +60,11 @@ def check_float(name: str, value: Any, low: float, high: float | None = None, *,
     ``low_open``; no upper bound when ``high`` is None), or None with ``allow_none``."""
     if value is None and allow_none:
         return
-    ok = (isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-          and (value > low if low_open else value >= low)
-          and (high is None or value <= high))
+    ok = isinstance(value, Real) and not isinstance(value, bool)
+    if ok:
+        number = float(value)
+        ok = (math.isfinite(number) and (number > low if low_open else number >= low)
+              and (high is None or number <= high))
     if not ok:
         left = "(" if low_open else "["
         right = "inf)" if high is None else f"{high:g}]"
@@ -68,24 +72,24 @@ def check_float(name: str, value: Any, low: float, high: float | None = None, *,
               + (" or None" if allow_none else ""), owner, why)
 
 
-_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6,
+               "MIB": 2**20, "G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12,
+               "TIB": 2**40}
 
 
-def parse_size(name: str, value: Any, *, owner: str | None = None) -> int:
-    """Bytes from ``value``: an int, or a string such as ``"512M"``, ``"2G"``, ``"1.5GiB"``
-    (binary units K, M, G, T; an optional ``B``/``iB``). Must be at least one byte."""
-    if isinstance(value, Integral) and not isinstance(value, bool):
-        size = int(value)
-    else:
-        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
-        unit = text[-1:] if text[-1:] in _SIZE_UNITS and text[-1:] else ""
-        try:
-            size = int(float(text[:len(text) - len(unit)]) * _SIZE_UNITS[unit])
-        except ValueError:
-            size = 0
-    if size < 1:
-        _fail(name, value, "a size such as 512M or 2G", owner, "")
-    return size
+def parse_size(name: str, value: Any) -> int:
+    """Bytes from a size such as ``512MiB``, ``2G``, ``1.5GB`` or ``1048576`` (K/M/G/T alone
+    are binary units)."""
+    text = str(value).strip().replace(" ", "").upper()
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number):]
+    try:
+        size = float(number)
+    except ValueError:
+        size = -1.0
+    if unit not in _SIZE_UNITS or not math.isfinite(size) or size * _SIZE_UNITS[unit] < 1:
+        _fail(name, value, "a size such as 512MiB, 2GiB or a number of bytes", None, "")
+    return int(size * _SIZE_UNITS[unit])
 
 
 def format_size(size: int) -> str:

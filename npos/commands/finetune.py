@@ -23,7 +23,8 @@ def train_head_options(func: Callable) -> Callable:
     types, defaults and help."""
     reused = [copy.copy(p) for p in _train_head.command.params if p.name not in _NOT_REUSED]
     # click.option decorators append to __click_params__ and the list is read reversed.
-    func.__click_params__ = [*getattr(func, "__click_params__", []), *reversed(reused)]
+    func.__click_params__ = [  # type: ignore[attr-defined]  # click's own convention
+        *getattr(func, "__click_params__", []), *reversed(reused)]
     return func
 
 
@@ -62,9 +63,15 @@ def command(train_store: str, out: str, model: str, pretrained: str | None,
     synthesis). Writes OUT/tail.safetensors (+ tail.json), OUT/head/ (usable by 'npos
     evaluate --head') and OUT/NAME.zarr for every --embed NAME=STORE.
     """
+    from npos.commands._common import UserError
     from npos.commands._synthesis_options import synthesis_config_from_options
     from npos.finetune import FinetuneConfig, finetune, parse_embed_specs
     from npos.train_head import HeadConfig
+
+    if options.get("outliers") or options.get("outliers_per_step"):
+        # Offline outliers live in the frozen embedding space, which the tail moves.
+        raise UserError("finetune synthesizes online (the tail moves the embedding space): "
+                        "--outliers is for 'npos train-head' only; drop it")
 
     names = {f.name for f in fields(HeadConfig)}
     head_config = HeadConfig(**{k: v for k, v in options.items() if k in names},

@@ -59,7 +59,7 @@ def build(store, out, codec, nlist, target_recall, ks, device, memory_budget, he
     from npos.store import FeatureStore
     from npos.validation import parse_size
 
-    budget = parse_size("--memory-budget", memory_budget, owner="index build")
+    budget = parse_size("--memory-budget", memory_budget)
     fs = FeatureStore.open(store)
     index = build_store_index(fs, out, codec=codec, nlist=nlist, target_recall=target_recall,
                               ks=ks, device=device, memory_budget=budget, seed=seed,

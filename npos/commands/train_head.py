@@ -67,6 +67,12 @@ def _default(name: str):
 @click.option("--synth-every", type=click.IntRange(min=1), default=_default("synth_every"),
               show_default=True, help="Synthesize every N steps (in between: reuse).")
 @synthesis_options
+@click.option("--outliers", help="Outliers store of the same encoder ('npos synthesize'): "
+              "train on draws from it instead of online synthesis (no queues). With --id-loss "
+              "none FEATURES may be unlabeled: a one-class detector.")
+@click.option("--outliers-per-step", type=click.IntRange(min=1), default=None,
+              help="Outliers drawn per step with --outliers [default: classes x --pick x "
+                   "--keep, as online synthesis; one batch for a one-class store].")
 @click.option("--val", help="Labeled store (same encoder and classes): accuracy per epoch.")
 @click.option("--seed", type=click.IntRange(min=0), default=_default("seed"), show_default=True)
 @device_option()
@@ -75,13 +81,13 @@ def _default(name: str):
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last "
               "finished epoch (OUT.partial/).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing head at --out.")
-def command(features: str, out: str, val: str | None, device: str, resume: bool,
-            overwrite: bool, **options) -> None:
+def command(features: str, out: str, outliers: str | None, outliers_per_step: int | None,
+            val: str | None, device: str, resume: bool, overwrite: bool, **options) -> None:
     """Train a projection, classifier and OOD head on the labeled store FEATURES.
 
     Outliers are synthesized online from per-class queues of projected embeddings (the
-    synthesis options are those of 'npos synthesize'). Writes OUT/model.safetensors and
-    OUT/config.json.
+    synthesis options are those of 'npos synthesize'), or drawn from a pre-synthesized
+    --outliers store. Writes OUT/model.safetensors and OUT/config.json.
     """
     from npos.train_head import HeadConfig, train_head
 
@@ -91,7 +97,8 @@ def command(features: str, out: str, val: str | None, device: str, resume: bool,
                         synthesis=synthesis)
     result = train_head(features, out, config, val=val, device=device, resume=resume,
                         overwrite=overwrite, progress=sys.stderr.isatty(),
-                        log=get_logger("npos.train_head").info)
+                        log=get_logger("npos.train_head").info, outliers=outliers,
+                        outliers_per_step=outliers_per_step)
     last = result.history[-1]
     click.echo(f"wrote {out}: {config.epochs} epochs, train accuracy {last['accuracy']:.4f}"
                + (f", val accuracy {last['val_accuracy']:.4f}"

@@ -23,7 +23,8 @@ import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import open_clip
 import torch
@@ -211,7 +212,7 @@ def create_encoder(model: str | Weights, pretrained: str | None = None, *,
     return clip
 
 
-def image_preprocess_config(clip: torch.nn.Module) -> dict[str, Any]:
+def image_preprocess_config(clip: Any) -> dict[str, Any]:
     """open_clip's inference preprocessing of ``clip`` as a plain dict (the store's
     ``preprocess`` attribute): size, mode, mean, std, interpolation, resize_mode, fill_color.
 

@@ -11,13 +11,17 @@ projection exactly as ``VisionTransformer.forward`` does. Extraction
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from open_clip.transformer import VisionTransformer
 
 from npos.errors import ParameterError
 
 
-def _vision_transformer(visual: torch.nn.Module) -> VisionTransformer:
+def _vision_transformer(visual: torch.nn.Module) -> Any:
+    # Any, not VisionTransformer: open_clip's sub-modules are attributes set in __init__, which
+    # type checkers only see through Module.__getattr__ (Tensor | Module).
     if not isinstance(visual, VisionTransformer):
         raise ParameterError(
             "cached tokens need an open_clip VisionTransformer image tower; this model's is "
@@ -73,15 +77,15 @@ def encode_tokens_tail(visual: torch.nn.Module, tokens: torch.Tensor,
     Tensor of shape (N, D)
         Image embeddings, un-normalized (as ``clip.encode_image``).
     """
-    visual = _vision_transformer(visual)
-    check_tokens_layer(visual, start_block)
-    weight_dtype = visual.conv1.weight.dtype
+    tower = _vision_transformer(visual)
+    check_tokens_layer(tower, start_block)
+    weight_dtype = tower.conv1.weight.dtype
     if tokens.dtype != weight_dtype and not torch.is_autocast_enabled(tokens.device.type):
         tokens = tokens.to(weight_dtype)
-    x = _run_blocks(visual, tokens, start_block, None)
-    pooled, _ = visual._pool(x)
-    if visual.proj is not None:
-        pooled = pooled @ visual.proj
+    x = _run_blocks(tower, tokens, start_block, None)
+    pooled, _ = tower._pool(x)
+    if tower.proj is not None:
+        pooled = pooled @ tower.proj
     return pooled
 
 
@@ -95,7 +99,7 @@ def encode_image_tokens(visual: torch.nn.Module, images: torch.Tensor,
         Identical to ``clip.encode_image(images)`` (same operations, same order).
     tokens : Tensor of shape (N, T, W)
     """
-    visual = _vision_transformer(visual)
-    check_tokens_layer(visual, layer)
-    tokens = _run_blocks(visual, visual._embeds(images), 0, layer)
-    return encode_tokens_tail(visual, tokens, layer), tokens
+    tower = _vision_transformer(visual)
+    check_tokens_layer(tower, layer)
+    tokens = _run_blocks(tower, tower._embeds(images), 0, layer)
+    return encode_tokens_tail(tower, tokens, layer), tokens

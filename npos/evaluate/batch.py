@@ -38,7 +38,9 @@ from npos.atomic import atomic_path, check_output
 from npos.errors import MissingDependencyError, OutputExistsError, ParameterError
 from npos.evaluate.batching import Distributed, Shard, n_shard_batches, shard_batches
 from npos.evaluate.config import ScoringConfig, scoring_config
-from npos.evaluate.inputs import ScoringSetup, build_scorer, open_store
+from npos.evaluate.inputs import (ScoringSetup, build_scorer, count_skipped, describe_skipped,
+                                  open_store)
+from npos.log import get_logger
 from npos.store import FeatureStore, store_exists
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".zarr": "zarr"}
@@ -58,6 +60,8 @@ class ScoreSummary:
     processes: int
     #: This process's rank (0 without torchrun); only rank 0 should print the summary.
     rank: int = 0
+    #: Rows left out (csv/parquet) or NaN (zarr) because their input failed (``valid`` False).
+    skipped: int = 0
 
     @property
     def rows_per_s(self) -> float:
@@ -169,7 +173,11 @@ def score_store(
         setup = build_scorer({"store": fs}, config, head=head, train=train, device=dist.device)
         names = list(setup.scorer.scores)
         batch_size = setup.config.batch_size
-        settings = setup.record(store=fs.url)
+        skipped = count_skipped(fs)
+        settings = setup.record(store=fs.url, skipped_invalid=skipped)
+        message = describe_skipped({f"store {fs.url!r}": skipped})
+        if message and dist.shard.is_main:
+            get_logger(__name__).warning(message)
         dist.barrier()  # every rank has validated `out` before rank 0 creates it
         start = time.perf_counter()
         target = None
@@ -187,7 +195,7 @@ def score_store(
         seconds = time.perf_counter() - start
     rows = int(fs.readable_rows().sum())
     return ScoreSummary(out=out, format=fmt, scores=names, rows=rows, seconds=seconds,
-                        processes=dist.world, rank=dist.rank)
+                        processes=dist.world, rank=dist.rank, skipped=skipped)
 
 
 def _score_shard(scorer, fs: FeatureStore, batch_size: int, shard: Shard,

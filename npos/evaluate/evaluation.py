@@ -12,8 +12,10 @@ import numpy as np
 from npos.errors import ParameterError
 from npos.evaluate.batching import Shard, n_shard_batches, shard_batches
 from npos.evaluate.config import ScoringConfig, scoring_config
-from npos.evaluate.inputs import ScoringSetup, build_scorer, open_store
+from npos.evaluate.inputs import (ScoringSetup, build_scorer, count_skipped, describe_skipped,
+                                  open_store)
 from npos.evaluate.metrics import accuracy, average_metrics, ood_metrics
+from npos.log import get_logger
 from npos.store import FeatureStore
 
 #: The row key of the averaged metrics in every per-score table (not allowed as an OOD name).
@@ -36,7 +38,9 @@ class EvaluationResult:
     settings : dict
         What produced the metrics (:meth:`ScoringSetup.record`): ``npos_version``,
         ``config`` (the resolved :class:`ScoringConfig`), the input stores ``id``, ``ood``,
-        ``train``, ``head``, and ``model``, ``dim``, ``rows``, ``space``,
+        ``train``, ``head``, and ``model``, ``dim``, ``rows``, ``skipped_invalid`` (rows
+        of each store left out because their input failed: ``{"id": n, ood_name: n}``),
+        ``space``,
         ``text_embeddings_from``, ``detectors`` (what fitting chose, e.g. the kNN backend).
     """
 
@@ -179,7 +183,13 @@ def evaluate(
         metrics[name] = {**per_set, AVERAGE: average_metrics(per_set)}
     rows = {"id": int(len(labels)),
             **{n: int(len(v)) for n, v in next(iter(ood_scores.values())).items()}}
+    skipped = {"id": count_skipped(id_fs), **{n: count_skipped(fs) for n, fs in ood_fs.items()}}
+    message = describe_skipped({f"ID store {id_fs.url!r}": skipped["id"],
+                                **{f"OOD store {n!r}": skipped[n] for n in ood_fs}})
+    if message:
+        get_logger(__name__).warning(message)
     settings = setup.record(id=id_fs.url, ood={n: fs.url for n, fs in ood_fs.items()},
-                            model=id_fs.attrs.get("model"), dim=id_fs.dim, rows=rows)
+                            model=id_fs.attrs.get("model"), dim=id_fs.dim, rows=rows,
+                            skipped_invalid=skipped)
     return EvaluationResult(id_accuracy=id_accuracy, metrics=metrics, id_scores=id_scores,
                             ood_scores=ood_scores, settings=settings)

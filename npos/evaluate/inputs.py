@@ -31,6 +31,25 @@ def open_store(store: str | os.PathLike | FeatureStore, *,
     return store
 
 
+def count_skipped(store: FeatureStore) -> int:
+    """Rows of a complete ``store`` that scoring skips: those whose ``valid`` is False (inputs
+    that failed to load when the store was made)."""
+    return int(store.n_rows - store.readable_rows().sum())
+
+
+def describe_skipped(skipped: Mapping[str, int]) -> str | None:
+    """One line tallying skipped invalid rows per store, or ``None`` when none was skipped.
+
+    ``skipped`` maps a store description (``"ID store 'test.zarr'"``) to its count.
+    """
+    parts = [f"{n} in {what}" for what, n in skipped.items() if n]
+    if not parts:
+        return None
+    total = sum(skipped.values())
+    return (f"skipped {total} invalid row{'s' if total != 1 else ''} (inputs that failed to "
+            f"load; 'npos store info STORE --failed' lists them): {', '.join(parts)}")
+
+
 def check_same_encoder(reference: FeatureStore, others: Mapping[str, FeatureStore]) -> None:
     """Refuse stores whose encoder, weights, preprocessing or dim differ from ``reference``.
 

@@ -35,10 +35,10 @@ import os
 import stat
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,7 +113,7 @@ class ImageSource:
     def fingerprint(self) -> str:
         """sha256 over the rows' ids and labels, in row order."""
         digest = hashlib.sha256()
-        for row_id, label in zip(self.ids, self.labels.tolist()):
+        for row_id, label in zip(self.ids, self.labels.tolist(), strict=True):
             digest.update(f"{row_id}\t{label}\n".encode("utf-8", "surrogateescape"))
         return "sha256:" + digest.hexdigest()
 
@@ -158,8 +158,8 @@ def scan_image_folder(root: str | os.PathLike, *, classes: Sequence[str] | None 
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise DataError(f"image folder {root!r} does not exist")
-    with os.scandir(root) as entries:
-        entries = sorted(entries, key=lambda e: e.name)
+    with os.scandir(root) as scan:
+        entries = sorted(scan, key=lambda e: e.name)
         folders = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
         top_images = [e.name for e in entries
                       if not e.is_dir() and not e.name.startswith(".") and _is_image(e.name)]
@@ -250,7 +250,7 @@ def read_file_list(list_path: str | os.PathLike, *,
         labels = np.full(len(ids), -1, dtype=np.int32)
         return ImageSource(str(path.parent.resolve()), ids, labels, None, "list")
     if all(_as_int(label) is not None for label in given):
-        values = [(_as_int(label) if label else -1) for label in raw]
+        values = [int(label) if label else -1 for label in raw]  # every label parses here
         top = max(values)
         if min(values) < -1:
             raise DataError(f"file list {str(path)!r} has a negative label other than -1")
@@ -308,7 +308,7 @@ def imagenet_class_names() -> dict[str, str]:
     if len(wnids) != len(IMAGENET_CLASSNAMES):  # pragma: no cover - packaging error
         raise DataError(f"{str(_WNIDS_FILE)!r} has {len(wnids)} ids; expected "
                         f"{len(IMAGENET_CLASSNAMES)}")
-    return dict(zip(wnids, IMAGENET_CLASSNAMES))
+    return dict(zip(wnids, IMAGENET_CLASSNAMES, strict=True))
 
 
 def read_class_names(spec: str | os.PathLike | Mapping[str, str]) -> dict[str, str]:

@@ -240,7 +240,8 @@ def _check_finite(index: int, arrays: dict[str, np.ndarray]) -> None:
         if name not in arrays:
             continue
         values = arrays[name][arrays["valid"]]
-        finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+        # an explicit row width: numpy cannot infer -1 for a chunk without valid rows
+        finite = np.isfinite(values.reshape(len(values), math.prod(values.shape[1:]))).all(1)
         if not finite.all():
             hint = (" (float16 overflow: use --dtype float32)"
                     if name == "embeddings" and values.dtype == np.float16 else "")
@@ -391,7 +392,7 @@ class FeatureExtractor:
 
     def _resolve_texts(self, source: ImageSource) -> tuple[list[str] | None, list[str] | None]:
         """Readable class names and prompt templates (both None for unlabeled input)."""
-        if not source.labeled:
+        if not source.labeled or source.classes is None:
             if self.class_names is not None:
                 raise ParameterError("class names were given but the input is unlabeled")
             return None, None
@@ -431,7 +432,7 @@ class FeatureExtractor:
         source = load_image_source(data, classes=self.classes, unlabeled=self.unlabeled)
         names, templates = self._resolve_texts(source)
         weights = resolve_weights(self.model, self.pretrained)
-        clip = create_encoder(weights, seed=self.seed).to(device)
+        clip: Any = create_encoder(weights, seed=self.seed).to(device)
         preprocess = image_preprocess_config(clip)
         with torch.inference_mode(), autocast(device, self.dtype):
             probe = torch.zeros((1, *_image_shape(preprocess)), device=device)
@@ -535,7 +536,7 @@ class FeatureExtractor:
         from tqdm.auto import tqdm
 
         device = procs.device
-        batches = []
+        batches: list[list[int]] = []
         for index in chunks:
             rows = store.chunk_slice(index)
             batches.extend(list(range(s, min(s + self.batch_size, rows.stop)))
@@ -559,13 +560,15 @@ class FeatureExtractor:
                 if self.on_error == "fail" and any(reasons):
                     if pending is not None:  # it may complete a chunk: keep that chunk
                         assembler.add(pending)
-                    row, reason = next((r, e) for r, e in zip(rows.tolist(), reasons) if e)
+                    row, reason = next((r, e) for r, e in zip(rows.tolist(), reasons, strict=True)
+                                       if e)
                     raise ImageDecodeError(source.path(row), reason)
                 images = images.to(device, non_blocking=True)
                 with torch.inference_mode(), autocast(device, store.dtype):
                     if token_shape is None:
                         emb, tok = clip.encode_image(images), None
                     else:
+                        assert self.tokens_layer is not None  # token_shape is set only then
                         emb, tok = encode_image_tokens(clip.visual, images, self.tokens_layer)
                 launched = _BatchOutput(int(rows[0]), reasons, emb, tok)
                 # Collect the previous batch only now, so the device already has this one

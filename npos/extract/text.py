@@ -12,14 +12,19 @@ The default ensemble is the 18 templates the NPOS reference code uses for ImageN
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from npos.errors import ParameterError
 from npos.encoder import autocast
+
+if TYPE_CHECKING:
+    from open_clip import CLIP
 
 #: The 18 prompt templates of the NPOS reference code (CLIP's CIFAR prompt set).
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -57,7 +62,7 @@ def validate_templates(templates: Sequence[str]) -> list[str]:
     return templates
 
 
-def load_templates(path: str | Path) -> list[str]:
+def load_templates(path: str | os.PathLike[str]) -> list[str]:
     """Read templates from a text file: one per line; blank lines and ``#`` comments skipped."""
     text = Path(path).read_text(encoding="utf-8")
     lines = [line.strip() for line in text.splitlines()]
@@ -68,7 +73,7 @@ def load_templates(path: str | Path) -> list[str]:
 
 
 @torch.inference_mode()
-def text_embeddings(clip: torch.nn.Module, tokenizer: Callable, class_names: Sequence[str],
+def text_embeddings(clip: CLIP, tokenizer: Callable, class_names: Sequence[str],
                     templates: Sequence[str] = DEFAULT_TEMPLATES, *,
                     batch_size: int = 512) -> np.ndarray:
     """Prompt-ensemble text embedding of every class, on the model's device (in float32, as

@@ -87,20 +87,21 @@ class VisionTail(nn.Module):
 
     def __init__(self, visual: nn.Module, layer: int) -> None:
         super().__init__()
+        tower: Any = visual  # open_clip's sub-modules are untyped attributes (see encoder.vit)
         self.layer = check_tokens_layer(visual, layer)
         self.n_blocks = num_blocks(visual)
         # Copy only what the tail needs: deepcopy's memo maps every frozen part to its
         # replacement, so those weights are never duplicated (ViT-B/16's front is 85% of
         # the tower).
         memo: dict[int, object] = {
-            id(visual.conv1): _DtypeProbe(visual.conv1.weight.dtype),
-            id(visual.ln_pre): nn.Identity(),
-            id(visual.class_embedding): None,
-            id(visual.positional_embedding): None,
+            id(tower.conv1): _DtypeProbe(tower.conv1.weight.dtype),
+            id(tower.ln_pre): nn.Identity(),
+            id(tower.class_embedding): None,
+            id(tower.positional_embedding): None,
         }
-        for block in visual.transformer.resblocks[:layer]:
+        for block in tower.transformer.resblocks[:layer]:
             memo[id(block)] = nn.Identity()
-        self.visual = copy.deepcopy(visual, memo)
+        self.visual: Any = copy.deepcopy(tower, memo)
         self.visual.requires_grad_(True)
 
     @property
@@ -231,7 +232,8 @@ def load_tail(out_dir: str | os.PathLike, *,
     config = read_tail_config(out_dir)
     # quick_gelu is a property of the weights' training, not a tensor: rebuild with it.
     weights = Weights(config["model"], None, "none", bool(config.get("quick_gelu", False)))
-    tail = VisionTail(create_encoder(weights).visual, int(config["token_layer"]))
+    clip: Any = create_encoder(weights)
+    tail = VisionTail(clip.visual, int(config["token_layer"]))
     load_tail_weights(tail, out_dir)
     return tail.to(device).eval(), config
 

@@ -201,7 +201,7 @@ class TokenStream:
         carry_tokens: list[np.ndarray] = []
         carry_labels: list[np.ndarray] = []
         carried = 0
-        for blocks, perm in zip(windows, perms):
+        for blocks, perm in zip(windows, perms, strict=True):
             tokens, labels = self._read_window(blocks)
             pos = 0
             while pos < perm.size:
@@ -242,8 +242,8 @@ class TokenStream:
     def _batch(self, tokens: list[np.ndarray], labels: list[np.ndarray]):
         t = tokens[0] if len(tokens) == 1 else np.concatenate(tokens)
         y = labels[0] if len(labels) == 1 else np.concatenate(labels)
-        t = torch.from_numpy(np.ascontiguousarray(t))
-        return (t.pin_memory() if self.pin_memory else t), torch.from_numpy(y)
+        batch = torch.from_numpy(np.ascontiguousarray(t))
+        return (batch.pin_memory() if self.pin_memory else batch), torch.from_numpy(y)
 
 
 def iter_token_blocks(store, chunks: Sequence[int], *,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -20,7 +21,8 @@ from npos.errors import StoreError
 #: Group attribute of stores whose every written chunk has a file (``write_empty_chunks``).
 MARKER = "all_chunks_stored"
 #: Array configuration used for every write: chunks equal to the fill value still get a file.
-WRITE_CONFIG = {"write_empty_chunks": True}
+#: (Typed Any: zarr types it as its ``ArrayConfigParams`` TypedDict, not a plain dict.)
+WRITE_CONFIG: Any = {"write_empty_chunks": True}
 
 
 def list_chunk_keys(arr: zarr.Array) -> set[str]:
@@ -37,7 +39,7 @@ def list_chunk_keys(arr: zarr.Array) -> set[str]:
 
 
 def _grid(arr: zarr.Array) -> list[int]:
-    return [math.ceil(s / c) if s else 0 for s, c in zip(arr.shape, arr.chunks)]
+    return [math.ceil(s / c) if s else 0 for s, c in zip(arr.shape, arr.chunks, strict=True)]
 
 
 def chunk_keys(arr: zarr.Array, rows: Iterable[int] | None = None) -> list[tuple[int, str]]:
@@ -65,6 +67,26 @@ class ChunkFiles:
     """The chunk-file checks of :class:`~npos.store.FeatureStore` (a mixin: it uses the
     store's ``_array``, ``done_mask``, ``chunk_slice`` and its caches ``_keys``/``_checked``)."""
 
+    if TYPE_CHECKING:  # what the mixin uses of FeatureStore, for the type checker only
+        url: str
+        _group: zarr.Group
+        _keys: dict[str, set[str]]
+        _checked: set[str]
+
+        @property
+        def attrs(self) -> dict[str, Any]: ...
+        @property
+        def kind(self) -> str: ...
+        @property
+        def n_rows(self) -> int: ...
+        @property
+        def n_chunks(self) -> int: ...
+        @property
+        def chunk_rows(self) -> int: ...
+        def _array(self, name: str) -> zarr.Array: ...
+        def chunk_slice(self, index: int) -> slice: ...
+        def done_mask(self) -> np.ndarray: ...
+
     @property
     def checks_chunk_files(self) -> bool:
         """True when every written chunk has a file (stores made by this npos version); in
@@ -74,7 +96,7 @@ class ChunkFiles:
     def is_row_array(self, name: str) -> bool:
         """True for arrays aligned with the store's rows (first dimension ``row``)."""
         arr = self._array(name)
-        dims = arr.metadata.dimension_names
+        dims = getattr(arr.metadata, "dimension_names", None)  # Zarr v2 metadata has none
         if dims is not None:
             return dims[0] == "row"
         return name not in ("done", "text_embeddings") and arr.shape[:1] == (self.n_rows,)

@@ -31,7 +31,7 @@ import math
 import os
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -40,15 +40,12 @@ from npos import __version__
 from npos.errors import (IncompatibleStoreError, ParameterError, StoreError, StoreExistsError,
                          StoreNotFoundError)
 from npos.store.chunks import MARKER, WRITE_CONFIG, ChunkFiles
+from npos.store.identity import IDENTITY_KEYS, check_fingerprints
 from npos.store.lock import WriterLock
 
 SCHEMA = "npos.features/1"
 KINDS = ("features", "outliers", "scores")
 EMBEDDING_DTYPES = ("float16", "float32")
-#: Attributes that identify the encoder and preprocessing behind a store. Two stores (or a
-#: store and a checkpoint) are comparable only when these agree. ``seed`` is the seed of a
-#: random-init encoder (None for trained weights).
-IDENTITY_KEYS = ("model", "pretrained", "seed", "preprocess", "dim")
 #: Row-aligned arrays every store has.
 CORE_ARRAYS = ("embeddings", "labels", "ids", "done")
 DEFAULT_CHUNK_ROWS = 4096
@@ -73,11 +70,19 @@ def _kind_phrase(kinds: Sequence[str]) -> str:
     return " or ".join(f"{'an' if k[0] in 'aeiou' else 'a'} {k} store" for k in kinds)
 
 
-def _open_group(url: str, mode: str) -> zarr.Group:
+def _open_group(url: str, mode: Literal["r", "r+"]) -> zarr.Group:
     try:
         return zarr.open_group(str(url), mode=mode)
     except FileNotFoundError:  # zarr's GroupNotFoundError derives from it too
         raise StoreNotFoundError(f"no feature store at {str(url)!r}") from None
+
+
+def _group_array(group: zarr.Group, name: str, url: str) -> zarr.Array:
+    """``group[name]``, which must be an array (zarr types it as array or subgroup)."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"store {url!r}: {name!r} is a group, not an array")
+    return node
 
 
 def store_exists(url: str) -> bool:
@@ -266,7 +271,7 @@ class FeatureStore(ChunkFiles):
         return cls(group, url, writable=True, lock=lock)
 
     @classmethod
-    def open(cls, url: str, mode: str = "r", *, kinds: Sequence[str] | None = None,
+    def open(cls, url: str, mode: Literal["r", "r+"] = "r", *, kinds: Sequence[str] | None = None,
              what: str | None = None) -> FeatureStore:
         """Open an existing store, read-only (``"r"``) or for writing (``"r+"``).
 
@@ -281,7 +286,7 @@ class FeatureStore(ChunkFiles):
         Opening for writing takes the store's lock (:class:`~npos.store.lock.WriterLock`):
         a store another process is writing is refused, naming that process.
         """
-        if mode not in ("r", "r+"):
+        if mode not in ("r", "r+"):  # checked at run time too: callers pass strings
             raise ParameterError(f"mode must be 'r' or 'r+'; got {mode!r}")
         group = _open_group(url, mode)
         lock = WriterLock(str(url)).acquire() if mode == "r+" else None
@@ -328,19 +333,19 @@ class FeatureStore(ChunkFiles):
 
     @property
     def n_rows(self) -> int:
-        return int(self._group.attrs["n_rows"])
+        return int(self._attr("n_rows"))
 
     @property
     def dim(self) -> int:
-        return int(self._group.attrs["dim"])
+        return int(self._attr("dim"))
 
     @property
     def dtype(self) -> str:
-        return str(self._group.attrs["dtype"])
+        return str(self._attr("dtype"))
 
     @property
     def chunk_rows(self) -> int:
-        return int(self._group.attrs["chunk_rows"])
+        return int(self._attr("chunk_rows"))
 
     @property
     def n_chunks(self) -> int:
@@ -348,12 +353,17 @@ class FeatureStore(ChunkFiles):
 
     @property
     def kind(self) -> str:
-        return str(self._group.attrs["kind"])
+        return str(self._attr("kind"))
 
     @property
     def class_names(self) -> list[str] | None:
-        names = self._group.attrs.get("class_names")
+        names = self._attr("class_names", None)
         return list(names) if names is not None else None
+
+    def _attr(self, key: str, *default: Any) -> Any:
+        # zarr types attribute values as JSON (a union); the schema fixes each key's type.
+        attrs = self._group.attrs
+        return attrs.get(key, *default) if default else attrs[key]
 
     def fingerprint(self) -> dict[str, Any]:
         """The identity attributes (encoder, weights, preprocessing, dim) of this store."""
@@ -363,14 +373,11 @@ class FeatureStore(ChunkFiles):
     def check_compatible(self, fingerprint: Mapping[str, Any], *, what: str) -> None:
         """Raise :class:`IncompatibleStoreError` unless ``fingerprint`` matches this store's.
 
-        ``what`` names the other side in the message, e.g. ``"head 'runs/head'"``.
+        ``what`` names the other side in the message, e.g. ``"head 'runs/head'"``. Stores of
+        unknown encoder combine only with each other, with a warning
+        (:mod:`npos.store.identity`).
         """
-        mine = self.fingerprint()
-        for key in IDENTITY_KEYS:
-            if mine.get(key) != fingerprint.get(key):
-                raise IncompatibleStoreError(
-                    f"{what} does not match store {self.url!r}: {key} is "
-                    f"{fingerprint.get(key)!r} there but {mine.get(key)!r} in the store")
+        check_fingerprints(self.fingerprint(), fingerprint, what=what, url=self.url)
 
     def has(self, name: str) -> bool:
         """True when the store holds an array called ``name``."""
@@ -382,7 +389,8 @@ class FeatureStore(ChunkFiles):
         if name not in self._arrays:
             if not self.has(name):
                 raise StoreError(f"store {self.url!r} has no array {name!r}")
-            self._arrays[name] = self._group[name].with_config(WRITE_CONFIG)
+            self._arrays[name] = _group_array(self._group, name, self.url).with_config(
+                WRITE_CONFIG)
         return self._arrays[name]
 
     def array(self, name: str) -> zarr.Array:
@@ -437,7 +445,7 @@ class FeatureStore(ChunkFiles):
                 f"chunk_rows={self.chunk_rows}")
         shape = (self.n_rows, *map(int, row_shape))
         if self.has(name):
-            existing = self._group[name]
+            existing = _group_array(self._group, name, self.url)
             same_dtype = (_is_string(existing.dtype) and _is_string(dtype)) or \
                 (not _is_string(dtype) and existing.dtype == np.dtype(dtype))
             if tuple(existing.shape) != shape or not same_dtype:
@@ -472,7 +480,7 @@ class FeatureStore(ChunkFiles):
         self._checked.discard(name)
         self._row_names = None
         arr = self._group.create_array(
-            name, shape=data.shape, dtype=data.dtype, chunks=data.shape or None,
+            name, shape=data.shape, dtype=data.dtype, chunks=data.shape or "auto",
             dimension_names=_dimension_names(name, data.ndim, rows=False), config=WRITE_CONFIG)
         arr[...] = data
 
@@ -610,7 +618,7 @@ class FeatureStore(ChunkFiles):
         ids = np.asarray(self.array("ids")[:])[rows]
         reasons = (np.asarray(self.array("error")[:])[rows] if self.has("error")
                    else [""] * rows.size)
-        return [{"id": str(i), "reason": str(r)} for i, r in zip(ids, reasons)]
+        return [{"id": str(i), "reason": str(r)} for i, r in zip(ids, reasons, strict=True)]
 
     def info(self) -> dict[str, Any]:
         """A summary: rows, dim, dtype, kind, model, classes, chunks done."""

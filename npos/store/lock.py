@@ -129,20 +129,20 @@ class WriterLock:
                 "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "command": self.command}
 
-    def _create(self, info: dict[str, Any]) -> bool:
+    def _create(self, path: Path, info: dict[str, Any]) -> bool:
         """Write the lock file atomically (complete or absent); False if one exists."""
-        tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(info), encoding="utf-8")
             try:
-                os.link(tmp, self.path)  # fails when the lock exists: one creator wins
+                os.link(tmp, path)  # fails when the lock exists: one creator wins
             except FileExistsError:
                 return False
             return True
         except OSError as exc:  # read-only, full, no permission: name the user's path
             raise LockError(f"cannot write {self.what} {self.target!r}: {exc.strerror or exc} "
-                            f"(while creating its lock file {str(self.path)!r})") from None
+                            f"(while creating its lock file {str(path)!r})") from None
         finally:
             try:
                 tmp.unlink(missing_ok=True)
@@ -154,7 +154,8 @@ class WriterLock:
         if self.held or self.path is None or _secondary_rank():
             self.held = self.path is not None and not _secondary_rank()
             return self
-        key = str(self.path)
+        path = self.path
+        key = str(path)
         with _GUARD:
             if key in _HELD:
                 _HELD[key][0] += 1
@@ -162,7 +163,7 @@ class WriterLock:
                 return self
             info = self._info()
             for _ in range(3):
-                if self._create(info):
+                if self._create(path, info):
                     _HELD[key] = [1, info]
                     self.held = True
                     return self
@@ -170,7 +171,7 @@ class WriterLock:
                 if holder is None:
                     continue  # released meanwhile: try again
                 if holder.get("host") == info["host"] and not _alive(holder):
-                    self._take_over(holder)
+                    self._take_over(path, holder)
                     continue
                 raise LockError(
                     f"{self.what} {self.target!r} is being written by another process "
@@ -178,10 +179,10 @@ class WriterLock:
                     "not running")
             raise LockError(f"cannot take the lock {key!r} of {self.what} {self.target!r}")
 
-    def _take_over(self, holder: dict[str, Any]) -> None:
-        stale = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")
+    def _take_over(self, path: Path, holder: dict[str, Any]) -> None:
+        stale = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}")
         try:
-            os.replace(self.path, stale)  # only one taker wins the rename
+            os.replace(path, stale)  # only one taker wins the rename
         except FileNotFoundError:
             return
         stale.unlink(missing_ok=True)

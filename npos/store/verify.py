@@ -90,7 +90,9 @@ class _Rows:
 
     def __init__(self, chunk_rows: int) -> None:
         self.chunk_rows = chunk_rows
-        self.count, self.first, self.chunks = 0, None, set()
+        self.count = 0
+        self.first: int | None = None
+        self.chunks: set[int] = set()
 
     def add(self, rows: np.ndarray) -> None:
         if rows.size:

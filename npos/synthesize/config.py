@@ -16,6 +16,11 @@ from npos.validation import check_choice, check_float, check_int
 
 METHODS = ("npos", "vos", "gaussian")
 NOISE_SPACES = ("sphere", "raw")
+#: Where offline synthesis takes its banks: a seeded ``--queue`` sample per class (the paper)
+#: or every valid row.
+BANKS = ("sample", "all")
+#: Per class (labels needed) or class-agnostic over the whole store (labels ignored).
+SCOPES = ("class", "global")
 
 #: The sigma used when ``sigma=None``, per noise space. ``raw`` 0.1 is the paper's value for
 #: CLIP ViT-B/16 (embedding norm ~10, D=512): a relative perturbation of

@@ -4,7 +4,7 @@ store. This is what ``npos synthesize`` runs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,9 +14,13 @@ from npos.errors import ParameterError, StoreError, StoreExistsError
 from npos.knn.kth import DEFAULT_MEMORY_BUDGET
 from npos.settings import settings_record
 from npos.store import IDENTITY_KEYS, FeatureStore, store_exists
-from npos.synthesize.config import SynthesisConfig
+from npos.synthesize.config import BANKS, SCOPES, SynthesisConfig
 from npos.synthesize.engine import SynthesisResult, SynthesisStats, synthesize
-from npos.validation import check_int
+from npos.synthesize.scale import ONE_PROCESS, Ranks
+from npos.validation import check_choice, check_int
+
+if TYPE_CHECKING:
+    from npos.synthesize.all_rows import AllRowsSynthesis
 
 #: Attributes copied from the source store so that the outliers store has its fingerprint.
 #: The source's identity (so fingerprints match) and token layer travel to the outliers store.
@@ -125,6 +129,7 @@ class OfflineSynthesis:
         share of candidates farther from their bank than the point they were drawn around
         (``npos``, ``gaussian``). The first row, class ``None``, pools all classes."""
         stats = self.result.stats
+        assert stats is not None  # synthesize_store asks the engine for them
         n_ready = stats.classes.numel()
         q = torch.tensor(QUANTILES)
         kept = self.result.knn_distance.view(n_ready, -1)
@@ -181,31 +186,48 @@ class OfflineSynthesis:
             lines.append(f"skipped {len(self.banks.skipped)} classes with fewer than "
                          f"{self.queue} rows: {listed}{more}")
         lines.append(f"acceptance ratio: {self.acceptance:.4g} (share of candidates kept)")
-        header = "K-th-NN distance, quantiles " + "/".join(f"{int(x * 100)}%" for x in QUANTILES)
-        lines.append(header)
-        rows = self.summary()
-        width = max(5, *(len(r["name"]) for r in rows))
-        lines.append(f"{'class':<{width}} {'rows':>7}  {'bank':^20}  {'boundary':^20}  "
-                     f"{'outliers':^20}  outward")
+        return lines + format_table(self.summary())
 
-        def fmt(values):
-            return " ".join(f"{v:6.3f}" for v in values) if values is not None else f"{'-':^20}"
+    def write(self, out: str, *, source: FeatureStore, overwrite: bool = False) -> FeatureStore:
+        """Write the outliers store (:func:`write_outliers`)."""
+        return write_outliers(self, out, source=source, overwrite=overwrite)
 
-        for r in rows:
-            outward = f"{r['outward']:7.3f}" if r["outward"] is not None else f"{'-':>7}"
-            lines.append(f"{r['name']:<{width}} {r['rows']:>7}  {fmt(r['bank'])}  "
-                         f"{fmt(r['boundary'])}  {fmt(r['outliers'])}  {outward}")
-        return lines
+
+def format_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The summary table: per row (``name``, ``rows``, quantiles of ``bank``, ``boundary`` and
+    ``outliers`` distances, ``outward``), under a header."""
+    lines = ["K-th-NN distance, quantiles " + "/".join(f"{int(x * 100)}%" for x in QUANTILES)]
+    width = max(5, *(len(r["name"]) for r in rows))
+    lines.append(f"{'class':<{width}} {'rows':>7}  {'bank':^20}  {'boundary':^20}  "
+                 f"{'outliers':^20}  outward")
+
+    def fmt(values):
+        return " ".join(f"{v:6.3f}" for v in values) if values is not None else f"{'-':^20}"
+
+    for r in rows:
+        outward = f"{r['outward']:7.3f}" if r["outward"] is not None else f"{'-':>7}"
+        lines.append(f"{r['name']:<{width}} {r['rows']:>7}  {fmt(r['bank'])}  "
+                     f"{fmt(r['boundary'])}  {fmt(r['outliers'])}  {outward}")
+    return lines
 
 
 def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queue: int = 1000,
-                     seed: int = 0, device=None,
-                     memory_budget: int = DEFAULT_MEMORY_BUDGET) -> OfflineSynthesis:
-    """Synthesize outliers from a labelled features store.
+                     seed: int = 0, device=None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                     bank: str = "sample", scope: str = "class", count: int | None = None,
+                     ranks: Ranks | None = None) -> OfflineSynthesis | AllRowsSynthesis:
+    """Synthesize outliers from a features store.
 
-    One ``torch.Generator(device).manual_seed(seed)`` first draws the class banks
-    (:func:`class_banks`), then the synthesis noise (:func:`~npos.synthesize.synthesize`).
-    Same store, parameters, seed and device type => same outliers.
+    ``bank="sample"``, ``scope="class"`` (the paper): one
+    ``torch.Generator(device).manual_seed(seed)`` first draws the class banks
+    (:func:`class_banks`, ``queue`` rows per class), then the synthesis noise
+    (:func:`~npos.synthesize.synthesize`). Same store, parameters, seed and device type =>
+    same outliers.
+
+    ``bank="all"`` (every valid row of each class) or ``scope="global"`` (every valid row,
+    labels ignored, ``count`` outliers in total): :mod:`npos.synthesize.all_rows`, returning
+    an :class:`~npos.synthesize.all_rows.AllRowsSynthesis`. ``memory_budget`` then also
+    bounds the float32 rows held at once (classes are read in groups that fit), and
+    ``ranks`` (a :class:`~npos.synthesize.scale.Ranks`) splits the work of a ``torchrun`` job.
 
     Raises
     ------
@@ -216,15 +238,28 @@ def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queu
         The store has no labelled rows, is not a features store (synthesis takes
         :data:`KINDS`), or lost a chunk file.
     """
-    check_int("queue", queue, 2)
-    config.validate(bank_size=queue)
+    check_choice("--bank", bank, BANKS)
+    check_choice("--scope", scope, SCOPES)
+    if count is not None and scope != "global":
+        raise ParameterError("--count sets the total of --scope global; with --scope class "
+                             "each class gives --pick x --keep outliers")
+    if bank == "sample" and scope == "class":
+        check_int("queue", queue, 2)
+        config.validate(bank_size=queue)
     if not isinstance(store, FeatureStore):
         store = FeatureStore.open(store)
     store.check_kind(KINDS, what="synthesize")
     device = resolve_device(device)
+    if bank == "all" or scope == "global":
+        from npos.synthesize.all_rows import synthesize_all_rows  # it imports this module
+
+        return synthesize_all_rows(store, config, scope=scope, count=count, seed=seed,
+                                   device=device, memory_budget=memory_budget,
+                                   ranks=ranks or ONE_PROCESS)
     labels = torch.from_numpy(store.read("labels").astype(np.int64))
     if not (labels >= 0).any():
-        raise StoreError(f"store {store.url!r} has no labelled rows; synthesis needs class labels")
+        raise StoreError(f"store {store.url!r} has no labelled rows: --scope class needs class "
+                         "labels; use --scope global --count N for an unlabeled store")
     names = store.class_names or [f"class{c}" for c in range(int(labels.max()) + 1)]
     embeddings = store.read("embeddings", dtype="float32", as_torch=True)
     generator = torch.Generator(device).manual_seed(seed)
@@ -238,6 +273,7 @@ def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queu
                         memory_budget=memory_budget, return_stats=True)
     # positions in the stacked banks -> class ids; everything back on the CPU
     stats = result.stats
+    assert stats is not None and result.source_index is not None  # return_stats=True
     result = SynthesisResult(
         result.outliers.cpu(), banks.classes[result.labels.cpu()], result.knn_distance.cpu(),
         result.source_index.cpu(),
@@ -266,6 +302,7 @@ def write_outliers(offline: OfflineSynthesis, out: str, *, source: FeatureStore,
     ``settings`` (:func:`npos.settings.settings_record`: the npos version, every parameter, the
     device used, the input store)."""
     res = offline.result
+    assert res.source_index is not None  # offline results always carry their sources
     m, dim = res.outliers.shape
     bank_pos = torch.searchsorted(offline.banks.classes, res.labels)
     src_rows = torch.where(
@@ -273,20 +310,35 @@ def write_outliers(offline: OfflineSynthesis, out: str, *, source: FeatureStore,
         offline.banks.rows[bank_pos, res.source_index.clamp_min(0)], -1).numpy()
     ids = np.array([
         f"{offline.source_ids[r]}#{i}" if r >= 0 else f"vos/{offline.class_names[c]}#{i}"
-        for i, (r, c) in enumerate(zip(src_rows.tolist(), res.labels.tolist()))])
+        for i, (r, c) in enumerate(zip(src_rows.tolist(), res.labels.tolist(), strict=True))])
+    return create_outliers_store(
+        out, source, embeddings=res.outliers.float().numpy(), labels=res.labels.numpy(),
+        distance=res.knn_distance.numpy(), ids=ids, class_names=offline.class_names,
+        synthesis={**offline.config.to_dict(), "queue": offline.queue, "seed": offline.seed},
+        settings=settings_record(offline.config, queue=offline.queue, seed=offline.seed,
+                                 device=offline.device, features=source.url),
+        overwrite=overwrite, chunk_rows=chunk_rows)
+
+
+def create_outliers_store(out: str, source: FeatureStore, *, embeddings: np.ndarray,
+                          labels: np.ndarray, distance: np.ndarray, ids: np.ndarray,
+                          class_names: list[str] | None, synthesis: dict[str, Any],
+                          settings: dict[str, Any], overwrite: bool = False,
+                          chunk_rows: int = 4096) -> FeatureStore:
+    """An outliers store of ``embeddings`` (M, D) float32 with ``labels``, ``knn_distance``
+    and ``ids``; attributes: the source's fingerprint (:data:`CARRIED_ATTRS`), ``synthesis``,
+    ``source`` and ``settings``."""
+    m, dim = embeddings.shape
     attrs = {key: source.attrs[key] for key in CARRIED_ATTRS if key in source.attrs}
-    attrs["synthesis"] = {**offline.config.to_dict(), "queue": offline.queue,
-                          "seed": offline.seed}
+    attrs["synthesis"] = synthesis
     attrs["source"] = {"store": source.url, "n_rows": source.n_rows,
                        "created": source.attrs.get("created")}
-    attrs["settings"] = settings_record(offline.config, queue=offline.queue, seed=offline.seed,
-                                        device=offline.device, features=source.url)
+    attrs["settings"] = settings
     store = FeatureStore.create(out, n_rows=m, dim=dim, dtype="float32",
                                 chunk_rows=min(chunk_rows, m), kind="outliers",
-                                class_names=offline.class_names, attrs=attrs,
-                                overwrite=overwrite)
+                                class_names=class_names, attrs=attrs, overwrite=overwrite)
     with store:  # the lock goes when the store is written
         store.add_array("knn_distance", (), "float32")
-        store.write_all(embeddings=res.outliers.float().numpy(), labels=res.labels.numpy(),
-                        knn_distance=res.knn_distance.numpy(), ids=ids)
+        store.write_all(embeddings=embeddings, labels=labels, knn_distance=distance, ids=ids)
     return store
+

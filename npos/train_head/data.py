@@ -45,15 +45,24 @@ def load_labeled(store, *, what: str = "training store") -> LabeledFeatures:
     return LabeledFeatures(z, y, names, text)
 
 
-def check_class_counts(data: LabeledFeatures, config: HeadConfig, store_url: str) -> None:
-    """Every class needs labeled rows, and with synthesis at least ``queue`` of them (else
-    its queue never fills and synthesis never starts)."""
+def load_one_class(store) -> LabeledFeatures:
+    """Every valid row of an unlabeled store as the single class ``"id"`` (``y = 0``): the
+    data of a one-class detector (``--outliers`` with ``--id-loss none``), whose classifier
+    is trivial (one prototype, accuracy 1) and whose OOD head is what is trained."""
+    z = torch.from_numpy(store.read("embeddings"))
+    return LabeledFeatures(z, torch.zeros(z.shape[0], dtype=torch.int64), ["id"], None)
+
+
+def check_class_counts(data: LabeledFeatures, config: HeadConfig, store_url: str, *,
+                       online: bool = True) -> None:
+    """Every class needs labeled rows, and with online synthesis (``online``) at least
+    ``queue`` of them (else its queue never fills and synthesis never starts)."""
     counts = torch.bincount(data.y, minlength=len(data.class_names))
     c = int(counts.argmin())
     if int(counts[c]) == 0:
         raise StoreError(f"class {data.class_names[c]!r} has no labeled rows in training store "
                          f"{store_url!r}")
-    if config.ood_weight > 0 and int(counts[c]) < config.queue:
+    if online and config.ood_weight > 0 and int(counts[c]) < config.queue:
         raise ParameterError(
             f"class {data.class_names[c]!r} has {int(counts[c])} labeled rows, fewer than "
             f"queue={config.queue}: its queue would never fill and synthesis never start; "
@@ -80,7 +89,8 @@ def build_head(data: LabeledFeatures, config: HeadConfig) -> tuple[HeadModel, to
                           train_classifier=data.text is None or config.train_text,
                           head_hidden=config.head_hidden, rbf_centres=config.rbf_centres)
     if config.head == "rbf":
-        model.head.init_from_data(z, data.y, generator=torch.Generator().manual_seed(config.seed))
+        rbf: Any = model.head  # an RbfHead (typed nn.Module on HeadModel)
+        rbf.init_from_data(z, data.y, generator=torch.Generator().manual_seed(config.seed))
     return model, means
 
 
@@ -139,6 +149,56 @@ class FeatureBatches:
                    self.y[idx.to(self.y.device)].to(self.device, non_blocking=True))
 
 
+class OutlierDraws:
+    """Pre-synthesized outliers (``train-head --outliers``): each step draws ``per_step`` of
+    them without replacement (``randperm`` by the objective's generator, so a resumed run
+    draws the same ones).
+
+    Parameters
+    ----------
+    z : Tensor of shape (M, D)
+        Outliers in the (frozen) embedding space of the training store.
+    per_step : int
+        Outliers per step (at most M).
+    device : torch.device
+    """
+
+    def __init__(self, z: torch.Tensor, per_step: int, device: torch.device) -> None:
+        self.z = _place(z.float(), device)
+        self.per_step = min(int(per_step), int(z.shape[0]))
+        self.device = device
+
+    def draw(self, generator: torch.Generator) -> torch.Tensor:
+        """(per_step, D) float32 outliers on the device."""
+        order = torch.randperm(self.z.shape[0], generator=generator, device=generator.device)
+        idx = order[:self.per_step].to(self.z.device)
+        return self.z[idx].to(self.device, non_blocking=True)
+
+
+def load_outliers(url: str, train_store, config: HeadConfig, data: LabeledFeatures,
+                  per_step: int | None, device: torch.device, *,
+                  one_class: bool = False) -> OutlierDraws:
+    """The outliers store ``url`` (kind ``outliers``, the training store's encoder) as
+    per-step draws: ``per_step`` of them, by default what online synthesis gives per step with
+    every class ready (``classes x pick x keep``), or one batch for a one-class store."""
+    from npos.store import FeatureStore
+
+    if config.ood_weight <= 0:
+        raise ParameterError("--outliers trains the OOD head: it needs --ood-weight > 0 "
+                             "(e.g. --ood-weight 0.1)")
+    store = FeatureStore.open(url, kinds=("outliers",), what="train-head --outliers")
+    store.check_compatible(train_store.fingerprint(),
+                           what=f"training store {train_store.url!r}")
+    z = store.read("embeddings", as_torch=True)
+    if z.shape[0] == 0 or z.shape[1] != data.z.shape[1]:
+        raise StoreError(f"outliers store {url!r} has shape {tuple(z.shape)}; train-head needs "
+                         f"rows of dimension {data.z.shape[1]}")
+    if per_step is None:
+        per_step = (config.batch_size if one_class else
+                    len(data.class_names) * config.synthesis.pick * config.synthesis.keep)
+    return OutlierDraws(z, per_step, device)
+
+
 @torch.no_grad()
 def accuracy(model: HeadModel, z: torch.Tensor, y: torch.Tensor, device: torch.device, *,
              batch_size: int = 65536) -> float:
@@ -150,5 +210,5 @@ def accuracy(model: HeadModel, z: torch.Tensor, y: torch.Tensor, device: torch.d
     return correct / max(z.shape[0], 1)
 
 
-__all__ = ["FeatureBatches", "LabeledFeatures", "accuracy", "build_head", "check_class_counts",
-           "head_record", "load_labeled"]
+__all__ = ["FeatureBatches", "LabeledFeatures", "OutlierDraws", "accuracy", "build_head",
+           "check_class_counts", "head_record", "load_labeled", "load_one_class", "load_outliers"]

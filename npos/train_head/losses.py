@@ -69,6 +69,7 @@ class CiderLoss(nn.Module):
     def __init__(self, prototypes: torch.Tensor, *, temperature: float = 0.1,
                  momentum: float = 0.95, dispersion_weight: float = 1.0) -> None:
         super().__init__()
+        self.prototypes: torch.Tensor
         self.register_buffer("prototypes", F.normalize(prototypes.detach().float(), dim=-1))
         self.temperature = float(temperature)
         self.momentum = float(momentum)

@@ -20,6 +20,7 @@ from npos.errors import ParameterError
 from npos.knn import KnnCache
 from npos.synthesize import ClassQueues, synthesize
 from npos.train_head.config import HeadConfig
+from npos.train_head.data import OutlierDraws
 from npos.train_head.losses import CiderLoss, logitnorm_loss, outlier_loss
 from npos.train_head.model import HeadModel
 
@@ -55,6 +56,10 @@ class HeadObjective:
         Where the queues and the synthesis generator live.
     profile : bool
         Synchronize CUDA around the timed sections so ``timings`` are exact.
+    offline_outliers : OutlierDraws, optional
+        Pre-synthesized outliers (``train-head --outliers``) instead of online synthesis: no
+        queues; from ``start_epoch`` on, each step draws a batch of them (with this
+        objective's generator) and passes it through the projection like the ID rows.
 
     Attributes
     ----------
@@ -70,18 +75,20 @@ class HeadObjective:
 
     def __init__(self, model: HeadModel, config: HeadConfig, *,
                  cider_prototypes: torch.Tensor | None = None,
-                 device: torch.device | str = "cpu", profile: bool = False) -> None:
+                 device: torch.device | str = "cpu", profile: bool = False,
+                 offline_outliers: OutlierDraws | None = None) -> None:
         self.model = model
         self.config = config
         self.device = torch.device(device)
         self.profile = profile
-        self.cider = None
+        self.cider: CiderLoss | None = None
         if config.id_loss == "cider":
             if cider_prototypes is None:
                 raise ParameterError("id_loss='cider' needs initial prototypes")
             self.cider = CiderLoss(cider_prototypes, temperature=config.temperature).to(device)
-        self.queues = None
-        if config.ood_weight > 0:
+        self.queues: ClassQueues | None = None
+        self.offline = offline_outliers
+        if config.ood_weight > 0 and offline_outliers is None:
             self.queues = ClassQueues(model.num_classes, config.queue, model.dim, device=device)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         # An approximate kNN backend's trained lists and tuned nprobe are reused within an
@@ -113,7 +120,8 @@ class HeadObjective:
         if kind == "logitnorm":
             cosines = logits.float() * self.model.classifier.temperature
             return logitnorm_loss(cosines, y, self.config.temperature)
-        loss = self.cider(h, y) if kind == "cider" else h.new_zeros((), dtype=torch.float32)
+        loss = (self.cider(h, y) if self.cider is not None
+                else h.new_zeros((), dtype=torch.float32))  # self.cider is set iff kind == cider
         if self.model.classifier.trainable:
             # cider/none do not train the class embeddings: fit them on the (detached)
             # embeddings so the cosine logits, and MCM, stay meaningful.
@@ -123,6 +131,7 @@ class HeadObjective:
     def _maybe_synthesize(self, epoch: int) -> bool:
         if epoch < self.config.start_epoch or self.steps % self.config.synth_every:
             return False
+        assert self.queues is not None  # online synthesis (ood_weight > 0) has queues
         # Queues never empty again once full: stop asking (each ask syncs a GPU).
         self._queues_full = self._queues_full or self.queues.all_ready()
         if not self._queues_full:
@@ -170,14 +179,23 @@ class HeadObjective:
             self.timings["queue"] += time.perf_counter() - start
             synthesized = self._maybe_synthesize(epoch)
             if self.outliers is not None and epoch >= self.config.start_epoch:
-                id_in = h_detached if self.config.detach_head else h
-                outlier_logit = self.model.head(self.outliers)
-                out_loss = outlier_loss(self.model.head(id_in).float(), outlier_logit.float())
-                loss = loss + self.config.ood_weight * out_loss
+                out_loss = self._outlier_loss(h, self.outliers)
+        elif self.offline is not None and epoch >= self.config.start_epoch:
+            # Offline outliers live in the frozen input space: project them like ID rows.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.detach_head):
+                out_h = self.model.project(self.offline.draw(self.generator))
+            out_loss = self._outlier_loss(h, out_h)
+        if out_loss is not None:
+            loss = loss + self.config.ood_weight * out_loss
         self.steps += 1
         correct = (logits.detach().argmax(dim=1) == y).sum()
         return StepOutput(loss, id_loss.detach(), None if out_loss is None else out_loss.detach(),
                           correct, synthesized)
+
+    def _outlier_loss(self, h: torch.Tensor, outliers_h: torch.Tensor) -> torch.Tensor:
+        """The head's BCE: ID rows ``h`` (detached with ``detach_head``) up, outliers down."""
+        id_in = h.detach().float() if self.config.detach_head else h
+        return outlier_loss(self.model.head(id_in).float(), self.model.head(outliers_h).float())
 
     # ------------------------------------------------------------------ resumable state
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -24,10 +24,12 @@ import torch
 from npos.device import resolve_device
 from npos.errors import IncompatibleStoreError
 from npos.settings import settings_record
+from npos.store.lock import WriterLock
 from npos.train_head.checkpoint import FORMAT, CheckpointExistsError, write_checkpoint_dir
 from npos.train_head.config import HeadConfig
 from npos.train_head.data import (FeatureBatches, LabeledFeatures, accuracy, build_head,
-                                  check_class_counts, head_record, load_labeled)
+                                  check_class_counts, head_record, load_labeled,
+                                  load_one_class, load_outliers)
 from npos.train_head.objective import HeadObjective, StepOutput
 from npos.train_head.state import (STATE_FORMAT, load_optimizer_state, optimizer_state,
                                    save_partial, split_prefixes)
@@ -60,7 +62,8 @@ class TrainResult:
 def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = None, *,
                val: str | None = None, device: str | torch.device = "cpu",
                resume: bool = False, overwrite: bool = False, progress: bool = False,
-               profile: bool = False, log: Callable[[str], None] | None = None) -> TrainResult:
+               profile: bool = False, log: Callable[[str], None] | None = None,
+               outliers: str | None = None, outliers_per_step: int | None = None) -> TrainResult:
     """Train a projection, classifier and OOD head on a labeled feature store.
 
     Parameters
@@ -71,7 +74,8 @@ def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = N
         Output directory: ``model.safetensors`` + ``config.json`` (every hyperparameter, the
         encoder identity, the history, ``settings`` and ``npos_version``), written
         atomically when training ends. The resumable state of the last finished epoch is
-        kept in ``<out_dir>.partial/`` meanwhile.
+        kept in ``<out_dir>.partial/`` meanwhile. While training, ``.<name>.lock`` beside
+        it names this process; a second writer of the same head is refused.
     config : HeadConfig, optional
     val : str, optional
         A labeled store of the same encoder and classes: accuracy reported per epoch.
@@ -87,35 +91,60 @@ def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = N
         Synchronize CUDA around timed sections so ``TrainResult.timings`` are exact.
     log : callable, optional
         Receives one line per epoch (e.g. ``click.echo``).
+    outliers : str, optional
+        An outliers store (``npos synthesize``) of the training store's encoder: the head
+        trains on draws from it instead of online synthesis (no queues). With ``id_loss
+        "none"`` the training store may be unlabeled: a one-class detector (every row is the
+        class ``"id"``).
+    outliers_per_step : int, optional
+        Outliers drawn per step (default: classes x pick x keep, what online synthesis gives;
+        one batch for a one-class store).
 
     Returns
     -------
     TrainResult
     """
-    # Over ~60 lines by its docstring only: the body is the wiring of data, objective and
-    # trainer (~35 lines); the loop, resume and checkpoints live in the Trainer.
-    from npos.store import FeatureStore
-
     config = config or HeadConfig()
     config.validate()
     device = resolve_device(device)
     out_path = Path(out_dir)
     partial = _partial_dir(out_path)
-    _check_outputs(out_path, partial, resume=resume, overwrite=overwrite)
+    with WriterLock(out_path, what="head"):  # one writer of the head and its .partial state
+        _check_outputs(out_path, partial, resume=resume, overwrite=overwrite)
+        return _train_locked(train_store_url, out_path, partial, config, val=val,
+                             device=device, resume=resume, progress=progress,
+                             profile=profile, log=log, outliers=outliers,
+                             outliers_per_step=outliers_per_step)
+
+
+def _train_locked(train_store_url: str, out_path: Path, partial: Path, config: HeadConfig, *,
+                  val: str | None, device: torch.device, resume: bool, progress: bool,
+                  profile: bool, log: Callable[[str], None] | None, outliers: str | None,
+                  outliers_per_step: int | None) -> TrainResult:
+    """The body of :func:`train_head`, run while holding the head folder's lock."""
+    from npos.store import FeatureStore
+
     store = FeatureStore.open(train_store_url, kinds=("features",), what="train-head")
-    data = load_labeled(store)
-    check_class_counts(data, config, store.url)
+    one_class = (outliers is not None and config.id_loss == "none"
+                 and not (store.read("labels") >= 0).any())
+    data = load_one_class(store) if one_class else load_labeled(store)
+    check_class_counts(data, config, store.url, online=outliers is None)
+    draws = (load_outliers(outliers, store, config, data, outliers_per_step, device,
+                           one_class=one_class) if outliers is not None else None)
     val_data = _load_val(val, store, data)
     # What decides the head (a resumed run must match it); its config.json holds it all.
     record = head_record(config, data, train_store=store.url,
                          fingerprint=store.fingerprint(), val_store=val)
+    offline = {} if draws is None else {"outliers": outliers, "one_class": one_class,
+                                        "outliers_per_step": draws.per_step}
+    record.update(offline)
     settings = settings_record(train_store=store.url, out_dir=str(out_path), val=val,
-                               device=str(device), config=config)
+                               device=str(device), config=config, **offline)
 
     model, means = build_head(data, config)
     model.to(device)
     objective = HeadObjective(model, config, cider_prototypes=means, device=device,
-                              profile=profile)
+                              profile=profile, offline_outliers=draws)
     trainer = Trainer(objective, partial=partial, record=record, name=str(out_path),
                       progress=progress, profile=profile, log=log)
     if resume:

@@ -118,3 +118,24 @@ def test_faiss_gpu_ivf_tuned_nprobe_reaches_its_recall():
     exact = KnnIndex("faiss-flat").fit(bank).kth_distance(bank[:500], 10)
     approx = index.kth_distance(bank[:500], 10)
     assert (approx >= exact - 1e-5).all()  # approximate neighbours are never nearer
+
+
+@pytest.mark.parametrize("scope", ["class", "global"])
+def test_all_rows_synthesis_on_cuda_equals_cpu(scope, tmp_path, make_store):
+    # --bank all / --scope global: the bank and its index on the GPU, same boundary and
+    # outliers as on the CPU (the noise is drawn on the CPU in both cases).
+    from npos.synthesize.offline import synthesize_store
+
+    banks = _banks(n_classes=3, queue=150)
+    labels = torch.arange(3).repeat_interleave(150)
+    store = make_store(tmp_path / "f.zarr", banks.reshape(-1, banks.shape[-1]).numpy(),
+                        labels.numpy(), chunk_rows=64)
+    cfg = SynthesisConfig(k=10, select=40, pick=3, candidates=60, keep=2)
+    kwargs = {"bank": "all", "scope": scope, "count": 9 if scope == "global" else None}
+    cpu = synthesize_store(store, cfg, device="cpu", **kwargs)
+    gpu = synthesize_store(store, cfg, device="cuda", **kwargs)
+    for name, part in cpu.banks.items():
+        assert set(gpu.banks[name].boundary.tolist()) == set(part.boundary.tolist())
+    assert gpu.outliers.device.type == "cpu" and torch.equal(gpu.labels, cpu.labels)
+    torch.testing.assert_close(gpu.outliers, cpu.outliers, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gpu.knn_distance, cpu.knn_distance, atol=1e-4, rtol=1e-4)

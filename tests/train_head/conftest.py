@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from npos.train_head.benchmark_data import make_feature_world, write_world
+from benchmarks.feature_world import make_feature_world, write_world
 
 
 @pytest.fixture(scope="session")

@@ -146,7 +146,7 @@ def test_variants_train_with_finite_losses(world_stores, tmp_path, overrides):
 
 
 def test_prototypes_when_the_store_has_no_text(world, tmp_path):
-    from npos.train_head.benchmark_data import write_world
+    from benchmarks.feature_world import write_world
 
     urls = write_world(world, tmp_path / "stores", text=False)
     train_head(urls["train"], str(tmp_path / "h"), dataclasses.replace(SMALL, epochs=2))

@@ -1,6 +1,7 @@
 """A generated feature benchmark whose classes are *not* Gaussian.
 
-Used by the tests, ``benchmarks/head_study.py`` and ``benchmarks/train_head.py``. It imitates
+Used by the tests, ``benchmarks.head_study`` and ``benchmarks.train_head`` (not part of the
+installed package: it lives with the benchmarks, see ``benchmarks/__init__.py``). It imitates
 the properties of CLIP image embeddings that matter for outlier synthesis, without claiming
 to be CLIP:
 
@@ -185,7 +186,7 @@ def write_world(world: FeatureWorld, root: str | Path, *, model: str = "generate
             url, n_rows=x.shape[0], dim=x.shape[1], dtype=dtype, chunk_rows=chunk_rows,
             class_names=world.class_names if y is not None else None,
             attrs={"model": model, "pretrained": None, "preprocess": None,
-                   "source": {"generator": "npos.train_head.benchmark_data"}},
+                   "source": {"generator": "benchmarks.feature_world"}},
             overwrite=overwrite)
         arrays = {"embeddings": x, "ids": np.asarray([f"{name}/{i}" for i in range(len(x))])}
         if y is not None:
