@@ -178,12 +178,11 @@ class StoreIndex:
                                      "index path (--index PATH)")
         folder = Path(path)
         meta = _read_meta(folder)
+        if store is not None:  # before reading what may be gigabytes
+            check_store_meta(meta, str(folder), store)
         faiss = import_faiss(f"index {str(folder)!r}")
         rows = np.load(folder / ROWS_FILE, allow_pickle=False)
-        index = faiss.read_index(str(folder / INDEX_FILE))
-        self = cls(str(folder), meta, index, rows)
-        if store is not None:
-            self.check_store(store)
+        self = cls(str(folder), meta, faiss.read_index(str(folder / INDEX_FILE)), rows)
         target = resolve_device(device)
         if target.type == "cuda":
             if faiss_gpus() == 0:
@@ -196,20 +195,8 @@ class StoreIndex:
 
     def check_store(self, store: Any) -> None:
         """Raise :class:`IndexMismatchError` unless this index was built from ``store`` as it
-        is now (same fingerprint, row count and content stamp)."""
-        store = _as_store(store)
-        built = self.meta["store"]
-        what = f"index {self.path!r}"
-        if dict(built["fingerprint"]) != store.fingerprint() or built["dim"] != store.dim:
-            raise IndexMismatchError(
-                f"{what} was built for another store ({built['url']!r}, model "
-                f"{built['fingerprint'].get('model')!r}), not {store.url!r}; rebuild it with "
-                f"'npos index build {store.url}'")
-        if built["n_rows"] != store.n_rows or built["stamp"] != store_stamp(store):
-            raise IndexMismatchError(
-                f"{what} is stale: store {store.url!r} changed since the index was built "
-                f"({built['n_rows']} rows then, {store.n_rows} now); rebuild it with "
-                f"'npos index build {store.url} --overwrite'")
+        is now (see :func:`check_store_meta`)."""
+        check_store_meta(self.meta, self.path, _as_store(store))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -360,6 +347,33 @@ class StoreIndex:
     def __repr__(self) -> str:
         return (f"StoreIndex({self.path!r}, rows={self.n}, codec={self.meta['codec']!r}, "
                 f"nlist={self.nlist})")
+
+
+def _same_place(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_store_meta(meta: dict[str, Any], path: str, store: Any) -> None:
+    """Refuse (:class:`IndexMismatchError`, one line) an index whose ``meta`` does not
+    describe ``store`` as it is now: another encoder fingerprint or dim; or another content
+    stamp, reported as *another store* when the index was built from a different location
+    and as *stale* when built from this one. A store copied or moved whole is accepted."""
+    store = _as_store(store)
+    built = meta["store"]
+    what = f"index {path!r}"
+    other = (f"{what} was built for another store ({built['url']!r}), not {store.url!r}; "
+             f"build one for it with 'npos index build {store.url}'")
+    if dict(built["fingerprint"]) != store.fingerprint() or built["dim"] != store.dim:
+        raise IndexMismatchError(f"{other} (the encoders differ)")
+    if built["n_rows"] != store.n_rows or built["stamp"] != store_stamp(store):
+        if not _same_place(built["url"], store.url):
+            raise IndexMismatchError(other)
+        raise IndexMismatchError(
+            f"{what} is stale: store {store.url!r} changed since the index was built "
+            f"({built['n_rows']} rows then, {store.n_rows} now); rebuild it with "
+            f"'npos index build {store.url} --overwrite'")
 
 
 def _as_store(store: Any) -> Any:

@@ -110,8 +110,11 @@ def test_stale_and_foreign_indexes_are_refused(store, tmp_path, make_store):
     build_store_index(fs, nlist=8)
     path = default_index_path(fs.url)
     other = make_store(tmp_path / "other.zarr", x, model="another-model", chunk_rows=256)
-    with pytest.raises(IndexMismatchError, match="built for another store"):
+    with pytest.raises(IndexMismatchError, match="built for another store.*encoders differ"):
         StoreIndex.open(path, store=other)
+    same_encoder = make_store(tmp_path / "same.zarr", x[:2000], chunk_rows=256)
+    with pytest.raises(IndexMismatchError, match=r"built for another store \('.*train.zarr'\)"):
+        StoreIndex.open(path, store=same_encoder)
     StoreIndex.open(path, store=fs.url)  # unchanged: accepted
     # rewrite a chunk in place (same shape, other values): stale
     writable = FeatureStore.open(fs.url, mode="r+")
