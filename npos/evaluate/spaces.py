@@ -118,7 +118,8 @@ class HeadSpace:
         classes = int(self.head.config.get("num_classes") or
                       len(self.head.config.get("class_names") or ()))
         ood = getattr(self.head, "head", None)
-        units = ood.centres.shape[0] if hasattr(ood, "centres") else \
+        centres = getattr(ood, "centres", None)
+        units = centres.shape[0] if centres is not None else \
             getattr(getattr(ood, "fc1", None), "out_features", 0)
         return 16 * dim + 40 * classes + 12 * int(units)
 

@@ -189,7 +189,7 @@ class StoreIndex:
                 raise MissingDependencyError(
                     f"device={device!r} for index {str(folder)!r} needs a GPU build of faiss; "
                     'install it with: pip install "npos[gpu]"')
-            self.index = index_to_gpus(index, index_bytes=self.size_bytes)
+            self.index = index_to_gpus(self.index, index_bytes=self.size_bytes)
             self.on_gpu = True
         return self
 
