@@ -44,7 +44,7 @@ from npos.store.identity import IDENTITY_KEYS, check_fingerprints
 from npos.store.lock import WriterLock
 
 SCHEMA = "npos.features/1"
-KINDS = ("features", "outliers", "scores")
+KINDS = ("features", "outliers", "scores", "text-bank")
 EMBEDDING_DTYPES = ("float16", "float32")
 #: Row-aligned arrays every store has.
 CORE_ARRAYS = ("embeddings", "labels", "ids", "done")
