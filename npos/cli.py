@@ -70,6 +70,7 @@ def cli(ctx: click.Context, debug: bool, verbose: int, quiet: bool) -> None:
                 evaluate     OOD metrics, report with plots
                 score        per-row scores for any store
     Tools:      store        info / verify / import feature stores
+                index        build / info: one faiss IVF index per store (kNN at scale)
                 demo         the whole pipeline on a small built-in dataset
 
     Every command takes --config FILE.toml: option values from a file (top-level keys for
@@ -93,11 +94,11 @@ def cli(ctx: click.Context, debug: bool, verbose: int, quiet: bool) -> None:
 def _register() -> None:
     # Each command lives in its own module under npos.commands; heavy imports (torch,
     # open_clip, faiss) happen inside the commands so `npos --help` stays fast.
-    from npos.commands import (calibrate, demo, evaluate, extract, finetune, score, store,
-                               synthesize, text_bank, train_head)
+    from npos.commands import (calibrate, demo, evaluate, extract, finetune, index, score,
+                               store, synthesize, text_bank, train_head)
 
     for module in (extract, synthesize, train_head, finetune, evaluate, score, demo, store,
-                   text_bank, calibrate):
+                   text_bank, calibrate, index):
         cli.add_command(module.command)
         add_config_option(module.command)
         _remember_contexts(module.command)

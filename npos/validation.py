@@ -156,3 +156,11 @@ def parse_size(name: str, value: Any) -> int:
     if unit not in _SIZE_UNITS or not math.isfinite(size) or size * _SIZE_UNITS[unit] < 1:
         _fail(name, value, "a size such as 512MiB, 2GiB or a number of bytes", None, "")
     return int(size * _SIZE_UNITS[unit])
+
+
+def format_size(size: int) -> str:
+    """``size`` bytes as a short string :func:`parse_size` reads back (rounded up)."""
+    for unit in ("T", "G", "M", "K"):
+        if size >= _SIZE_UNITS[unit]:
+            return f"{math.ceil(size / _SIZE_UNITS[unit])}{unit}"
+    return str(int(size))

@@ -8,10 +8,22 @@ from npos.commands._common import device_option
 from npos.knn import KNN_BACKENDS
 
 
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    from npos.commands._common import UserError
+    from npos.errors import ParameterError
+    from npos.validation import parse_size
+
+    try:
+        return parse_size("--memory-budget", value)
+    except ParameterError as exc:
+        raise UserError(str(exc)) from None
+
+
 def scoring_options(func):
-    """Decorate a command with --head, --train, --scores, --knn-k, --knn-backend,
-    --mcm-temperature, --device, --batch-size, --text-bank and the neglabel/csp options.
-    Every option but --head and --train is a :class:`~npos.evaluate.ScoringConfig` field."""
+    """Decorate a command with --head, --train, --scores, --knn-k, --knn-backend, --index,
+    --mcm-temperature, --device, --batch-size, --memory-budget, --text-bank and the
+    neglabel/csp options. Every option but --head and --train is a
+    :class:`~npos.evaluate.ScoringConfig` field."""
     options = [
         click.option("--head", "head", type=click.Path(exists=True, file_okay=False),
                      help="Trained head folder (from train-head): score in its projected "
@@ -30,6 +42,10 @@ def scoring_options(func):
                      help="K of the knn score (K-th nearest train neighbour)."),
         click.option("--knn-backend", type=click.Choice(KNN_BACKENDS), default="auto",
                      show_default=True, help="kNN backend for the knn score."),
+        click.option("--index", "index", metavar="PATH|none",
+                     help="The train store's index for knn (npos index build). Default: "
+                          "TRAIN_STORE.index when it exists; 'none' never uses one. Refused "
+                          "when built for another store or before the store changed."),
         click.option("--mcm-temperature", type=click.FloatRange(min=0, min_open=True),
                      default=1.0, show_default=True,
                      help="Temperature T of MCM: max softmax(cos / T)."),
@@ -37,6 +53,10 @@ def scoring_options(func):
         click.option("--batch-size", type=click.IntRange(min=1), default=65536,
                      show_default=True,
                      help="Rows per batch (rounded down to whole store chunks)."),
+        click.option("--memory-budget", default="256M", show_default=True, metavar="SIZE",
+                     callback=_size,
+                     help="Working memory of one scoring block (e.g. 64M, 1G): batches are "
+                          "scored in row blocks that fit it."),
         click.option("--text-bank", metavar="TEXT.zarr",
                      help="Text bank (from 'npos text-bank') for neglabel and csp; must come "
                           "from the stores' encoder."),

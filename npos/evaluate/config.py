@@ -19,6 +19,13 @@ from npos.evaluate.detectors import parse_scores
 from npos.evaluate.detectors.knn import knn_backends
 from npos.validation import check_choice, check_float, check_int
 
+#: Default working memory of one scoring row block (``ScoringConfig.memory_budget``).
+DEFAULT_SCORING_BUDGET = 256 * 2**20
+#: ``ScoringConfig.index`` value that turns the default store index off.
+NO_INDEX = "none"
+#: Fields :meth:`ScoringConfig.to_dict` writes only when they differ from their defaults.
+_OPTIONAL_FIELDS = ("index", "memory_budget")
+
 
 #: The fields of the text-bank detectors (``to_dict`` leaves them out when none is used).
 TEXT_BANK_FIELDS = ("text_bank", "neg_count", "neg_groups", "neg_quantile", "neg_fraction",
@@ -46,6 +53,15 @@ class ScoringConfig:
         when scoring starts).
     batch_size : int
         Rows per batch, rounded down to whole store chunks (at least one chunk), >= 1.
+    index : str, optional
+        The ``knn`` bank's persisted store index (``npos index build``): a path (must exist
+        and match the train store), ``"none"`` (never use one), or ``None``: the train
+        store's default index (``TRAIN.index``) when present. Used only where the scoring
+        features are the encoder's (no head, or a head whose projection is the identity).
+    memory_budget : int
+        Bytes of working memory per row block: a batch is scored in blocks of
+        ``memory_budget // (estimated bytes per row)`` rows, so memory does not grow with
+        the batch size, the classes or the RBF centres. ``--memory-budget`` takes 256M, 1G.
     text_bank : str, optional
         Text bank store (``npos text-bank``) of ``neglabel`` and ``csp``.
     neg_count, neg_groups, neg_quantile, neg_fraction, neg_temperature : int/float
@@ -64,6 +80,8 @@ class ScoringConfig:
     mcm_temperature: float = 1.0
     device: str = "auto"
     batch_size: int = 65536
+    index: str | None = None
+    memory_budget: int = DEFAULT_SCORING_BUDGET
     text_bank: str | None = None
     neg_count: int = 10000
     neg_groups: int = 100
@@ -82,6 +100,8 @@ class ScoringConfig:
         if not isinstance(self.device, str):  # None means auto, a torch.device its name
             object.__setattr__(self, "device", "auto" if self.device is None
                                else str(self.device))
+        if self.index is not None and not isinstance(self.index, str):  # a Path
+            object.__setattr__(self, "index", str(self.index))
         self.validate()
 
     def validate(self) -> None:
@@ -90,6 +110,7 @@ class ScoringConfig:
         check_choice("knn_backend", self.knn_backend, knn_backends())
         check_float("mcm_temperature", self.mcm_temperature, 0.0, low_open=True)
         check_int("batch_size", self.batch_size, 1)
+        check_int("memory_budget", self.memory_budget, 1)
         check_int("neg_count", self.neg_count, 1)
         check_int("neg_groups", self.neg_groups, 1)
         check_float("neg_quantile", self.neg_quantile, 0.0, 1.0)
@@ -99,9 +120,14 @@ class ScoringConfig:
         check_int("seed", self.seed, 0)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (``scores`` as a list or ``None``)."""
+        """JSON-ready dict (``scores`` as a list or ``None``). The fields added for stage two at
+        scale (``index``, ``memory_budget``) appear only when they differ from their
+        defaults, so records of default runs read as before."""
         values = dataclasses.asdict(self)
         values["scores"] = list(self.scores) if self.scores is not None else None
+        for name in _OPTIONAL_FIELDS:
+            if values[name] == ScoringConfig.__dataclass_fields__[name].default:
+                del values[name]
         if not self.uses_text_bank:  # records stay as they were before text banks existed
             for name in TEXT_BANK_FIELDS:
                 del values[name]

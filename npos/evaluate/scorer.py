@@ -147,6 +147,13 @@ class OODScorer:
         if train is None:
             raise ParameterError(f"score(s) {', '.join(fitted)} need train embeddings "
                                  "(--train TRAIN_STORE)")
+        if not (isinstance(train, np.ndarray) or hasattr(train, "detach")):
+            # detectors that take the train store's persisted index read no rows
+            fitted = {n: d for n, d in fitted.items() if not (
+                hasattr(d, "fit_store")
+                and d.fit_store(train, encoder_space=self.space.encoder_features))}
+            if not fitted:
+                return self
         wanted = {d.input for d in fitted.values()}
         if isinstance(train, np.ndarray) or hasattr(train, "detach"):
             inputs = self._numpy_inputs(train, wanted)
@@ -195,7 +202,26 @@ class OODScorer:
         inputs = self._inputs(z, wanted)
         return {key: to_numpy(inputs[key]) for key in wanted}
 
+    def block_rows(self, dim: int) -> int:
+        """Rows scored at once: ``config.memory_budget`` over the space's estimated bytes
+        per row (so the working memory does not grow with the batch, the classes or the
+        RBF centres)."""
+        return max(1, self.config.memory_budget // self.space.bytes_per_row(dim))
+
     def _compute(self, z: Any, *, predict: bool):
+        """Scores (and predictions) of ``z`` in row blocks of :meth:`block_rows`."""
+        if not hasattr(z, "shape"):
+            z = np.asarray(z, dtype=np.float32)
+        rows = self.block_rows(int(z.shape[1])) if len(z) else 1
+        if len(z) <= rows:
+            return self._compute_block(z, predict=predict)
+        parts = [self._compute_block(z[start:start + rows], predict=predict)
+                 for start in range(0, len(z), rows)]
+        scores = {name: np.concatenate([p[0][name] for p in parts]) for name in self.detectors}
+        predictions = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
+        return scores, predictions
+
+    def _compute_block(self, z: Any, *, predict: bool):
         import torch
 
         wanted = {d.input for d in self.detectors.values()}

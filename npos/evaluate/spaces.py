@@ -63,6 +63,15 @@ class EncoderSpace:
     def has_classifier(self) -> bool:
         return self._text is not None
 
+    #: The features are the raw embeddings (a store index of them serves ``knn``).
+    encoder_features = True
+
+    def bytes_per_row(self, dim: int) -> int:
+        """Estimated working bytes per scored row (for row blocks): the float32 features and
+        their unit copy, and float32 + float64 cosines/logits/softmax per class."""
+        classes = 0 if self._text is None else len(self._text)
+        return 12 * dim + 40 * classes
+
     def outputs(self, z: torch.Tensor, *, logits: bool = False,
                 ood: bool = False) -> SpaceOutputs:
         import torch.nn.functional as F
@@ -87,6 +96,32 @@ class HeadSpace:
         self.head = head.to(device).eval()
         self.device = device
         self.temperature = head_temperature(head)
+
+    @property
+    def encoder_features(self) -> bool:
+        """True when the head's projection is exactly the identity (a head trained with
+        ``--id-loss none``): its features are the raw embeddings."""
+        if not hasattr(self, "_identity"):
+            import torch
+
+            dim = int(self.head.config.get("dim") or getattr(self.head, "dim", 0) or 0)
+            z = torch.randn(8, dim, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                self._identity = dim > 0 and torch.equal(
+                    self.head.project(z.to(self.device)).float().cpu(), z)
+        return self._identity
+
+    def bytes_per_row(self, dim: int) -> int:
+        """Estimated working bytes per scored row: features (z, h, unit h), the logits and
+        their float64 copies per class, and the OOD head's per-unit temporaries (RBF: three
+        float32 distance rows per centre)."""
+        classes = int(self.head.config.get("num_classes") or
+                      len(self.head.config.get("class_names") or ()))
+        ood = getattr(self.head, "head", None)
+        centres = getattr(ood, "centres", None)
+        units = centres.shape[0] if centres is not None else \
+            getattr(getattr(ood, "fc1", None), "out_features", 0)
+        return 16 * dim + 40 * classes + 12 * int(units)
 
     def outputs(self, z: torch.Tensor, *, logits: bool = False,
                 ood: bool = False) -> SpaceOutputs:

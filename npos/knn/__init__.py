@@ -22,6 +22,11 @@ torch in -> torch out.
   :class:`~npos.knn.ivf.KnnCache` owned by the caller keeps the trained lists and tuned nprobe
   across fits, so repeated synthesis calls train and tune once.
 
+**One persisted index per store** (:mod:`npos.knn.store_index`, ``npos index build``): an
+IVF index over all valid rows of a feature store, written beside it with the store's
+fingerprint and a content stamp, nprobe tuned on held-out rows; :class:`StoreIndex` opens,
+checks and searches it (store rows as ids).
+
 Adding a backend is one class and one registry line (see ``docs/extending.md``):
 subclass :class:`~npos.knn.backends.KnnBackend` and call :func:`register_backend` (or add a
 ``"name": "module:Class"`` line to ``_REGISTRY`` for a backend shipped with npos).
@@ -91,6 +96,10 @@ _LAZY = {
     "kth_largest_": "npos.knn.kth",
     "kth_similarity": "npos.knn.kth",
     "similarity_to_distance": "npos.knn.kth",
+    "StoreIndex": "npos.knn.store_index",
+    "IndexMismatchError": "npos.knn.store_index",
+    "default_index_path": "npos.knn.store_index",
+    "build_store_index": "npos.knn.store_index_build",
 }
 
 

@@ -43,6 +43,36 @@ def ivf_nlist(n: int) -> int:
     return max(1, min(nlist, cap))
 
 
+def set_nprobe(index: Any, nprobe: int, *, on_gpu: bool) -> None:
+    """Probe ``nprobe`` lists of a (CPU or GPU, possibly sharded) IVF index."""
+    import faiss
+
+    if on_gpu:
+        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
+    else:
+        faiss.extract_index_ivf(index).nprobe = int(nprobe)
+
+
+def index_to_gpus(index: Any, *, index_bytes: int) -> Any:
+    """``index`` on all GPUs faiss sees: replicated when it fits one GPU (with a quarter
+    to spare), sharded across them otherwise. The cloner's ``useFloat16`` asks for float16
+    storage where the GPU index type has it; float16 inverted lists on CPU and GPU alike
+    come from the store index's ``fp16`` codec. Not exercised on CPU-only machines."""
+    import faiss
+
+    options = faiss.GpuMultipleClonerOptions()
+    if hasattr(options, "useFloat16"):
+        options.useFloat16 = True
+    try:
+        import torch
+
+        free = min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+    except Exception:  # no torch CUDA view of the GPUs: shard to be safe
+        free = 0
+    options.shard = index_bytes > 0.75 * free
+    return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
 class KnnCache:
     """State kNN backends keep across fits, owned by the caller (no global cache).
 
@@ -113,13 +143,7 @@ class FaissIvfBackend(FaissBackend):
 
     def set_nprobe(self, nprobe: int) -> None:
         """Probe ``nprobe`` lists (at most ``nlist``) from now on."""
-        import faiss
-
-        nprobe = min(nprobe, self.nlist)
-        if self.on_gpu:
-            faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", nprobe)
-        else:
-            faiss.extract_index_ivf(self.index).nprobe = nprobe
+        set_nprobe(self.index, min(nprobe, self.nlist), on_gpu=self.on_gpu)
 
     def search(self, unit: torch.Tensor, k: int, *,
                nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

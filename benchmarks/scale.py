@@ -1,0 +1,242 @@
+"""Benchmark of stage two at scale: one persisted IVF index per store (``npos index build``).
+
+On a generated clustered store (default **1,000,000 x 512 float16, 100 classes**; the
+same rows unlabeled for class-agnostic synthesis), each phase in its own process so its
+peak RSS (``ru_maxrss``) is its own:
+
+1. ``build``: :func:`npos.knn.build_store_index` (flat codec, nprobe tuned for recall 0.95
+   at K on held-out rows);
+2. ``kth``: the K-th-NN distance of **every** row against all others (own row excluded),
+   streamed block by block through the index;
+3. ``exact``: the baseline measured in the same run, exact ``faiss.IndexFlatL2`` over all rows
+   (filled chunk by chunk), searched for the index's held-out rows: recall@K of the IVF
+   answer against it, and time per query -> the exact time for every row (extrapolated: the
+   full exact pass is hours at 1M rows);
+4. ``outliers``: 100,000 class-agnostic outliers from the unlabeled copy of the store
+   (``synthesize_store(..., scope="global")``; its kNN does not go through the store index
+   yet);
+5. ``score``: ``npos score`` with ``head,knn`` (a 1000-class RBF head, identity projection so
+   knn uses the index) over every row, peak RSS.
+
+Goals (issue 13, on a 2-core box): build + kth + outliers <= 10 min; recall@K >= 0.95 on
+held-out rows; IVF >= 5x faster than exact; peak RSS <= 2x the store's float32 size; scoring
+peak RSS <= 3 GB. Sizes are parameters: run reduced (``--rows 100000``) on shared machines.
+
+Usage: ``python benchmarks/scale.py [--rows 1000000] [--dim 512] [--k 50] [--count 100000]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------- phases
+def phase_generate(a: argparse.Namespace) -> dict:
+    from scoring import make_score_store
+
+    t = time.perf_counter()
+    store = make_score_store(a.store, a.rows, a.dim, a.classes, np.random.default_rng(a.seed))
+    return {"seconds": time.perf_counter() - t, "chunks": store.n_chunks}
+
+
+def phase_build(a: argparse.Namespace) -> dict:
+    from npos.knn import build_store_index
+
+    t = time.perf_counter()
+    index = build_store_index(a.store, ks=(a.k,), codec=a.codec, memory_budget=a.budget,
+                              device="cpu", overwrite=True)
+    return {"seconds": time.perf_counter() - t, **index.info()}
+
+
+def phase_kth(a: argparse.Namespace) -> dict:
+    from npos.knn import StoreIndex
+    from npos.store import FeatureStore
+
+    store = FeatureStore.open(a.store)
+    index = StoreIndex.open(None, store=store)
+    t = time.perf_counter()
+    parts = []
+    for batch in store.iter_batches(65536, dtype="float32"):
+        parts.append(index.kth_distance(batch["embeddings"], a.k, exclude_self=True,
+                                        rows=batch["row"]))
+    d_k = np.concatenate(parts)
+    np.save(a.work / "kth.npy", d_k)
+    return {"seconds": time.perf_counter() - t, "rows": int(len(d_k)),
+            "nprobe": index.nprobe_for(a.k)}
+
+
+def phase_exact(a: argparse.Namespace) -> dict:
+    import faiss
+
+    from npos.knn import StoreIndex
+    from npos.knn.store_index import _unit, drop_rows, recall_of
+    from npos.store import FeatureStore
+
+    store = FeatureStore.open(a.store)
+    index = StoreIndex.open(None, store=store)
+    held = np.load(Path(index.path) / "heldout.npy")
+    queries = np.load(Path(index.path) / "queries.npy")
+    flat = faiss.IndexIDMap(faiss.IndexFlatL2(store.dim))
+    t = time.perf_counter()
+    for batch in store.iter_batches(65536):
+        flat.add_with_ids(_unit(batch["embeddings"]), batch["row"].astype(np.int64))
+    fill = time.perf_counter() - t
+    t = time.perf_counter()
+    d2, ids = flat.search(queries, a.k + 1)
+    per_query = (time.perf_counter() - t) / len(queries)
+    _, exact_ids = drop_rows(d2, ids, held, a.k)
+    t = time.perf_counter()
+    _, ivf_ids = index.search(queries, a.k, exclude_rows=held)
+    ivf_per_query = (time.perf_counter() - t) / len(queries)
+    return {"fill_seconds": fill, "per_query_s": per_query, "ivf_per_query_s": ivf_per_query,
+            "all_rows_seconds": per_query * index.n, "queries": int(len(queries)),
+            "recall": recall_of(ivf_ids, exact_ids, a.k)}
+
+
+def phase_outliers(a: argparse.Namespace) -> dict:
+    """``--count`` class-agnostic outliers from the unlabeled copy of the store
+    (``synthesize_store(..., scope="global")``, npos.synthesize.all_rows). It does its own kNN
+    (``KnnIndex`` over the rows it holds), not through the store index: wiring the store
+    index into global synthesis is the next step, and this phase will measure it."""
+    from npos.store import FeatureStore
+    from npos.synthesize import SynthesisConfig
+    from npos.synthesize.offline import synthesize_store
+
+    if a.count == 0:
+        return {"skipped": "--count 0"}
+    source = FeatureStore.open(a.store)
+    unlabeled = FeatureStore.create(a.unlabeled, n_rows=source.n_rows, dim=source.dim,
+                                    dtype=source.dtype, chunk_rows=source.chunk_rows,
+                                    class_names=None, overwrite=True,
+                                    attrs={"model": "bench", "pretrained": None,
+                                           "preprocess": None})
+    for chunk in range(source.n_chunks):
+        rows = source.chunk_slice(chunk)
+        unlabeled.write_chunk(chunk, embeddings=source.read_rows("embeddings", rows.start,
+                                                                 rows.stop))
+    t = time.perf_counter()
+    result = synthesize_store(unlabeled, SynthesisConfig(k=a.k), scope="global",
+                              count=a.count, seed=a.seed, device="cpu")
+    return {"seconds": time.perf_counter() - t, "outliers": len(result)}
+
+
+def phase_score(a: argparse.Namespace) -> dict:
+    from npos.evaluate import score_store
+    from npos.store import FeatureStore
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "evaluate"))
+    from test_eval_store_index import _trained_head
+
+    store = FeatureStore.open(a.store)
+    head = _trained_head(store.dim, a.head_classes, fingerprint=store.fingerprint())
+    before = _peak_mib()
+    t = time.perf_counter()
+    summary = score_store(store, str(a.work / "scores.zarr"), head=head, train=store,
+                          scores="head,knn", knn_k=a.k, device="cpu", overwrite=True)
+    return {"seconds": time.perf_counter() - t, "rows": summary.rows,
+            "peak_before_mib": before}
+
+
+def phase_baseline(a: argparse.Namespace) -> dict:
+    """The RSS of a process that has imported what the phases import (torch, faiss, npos)."""
+    import faiss  # noqa: F401
+    import torch  # noqa: F401
+
+    import npos.evaluate  # noqa: F401
+    import npos.knn.store_index_build  # noqa: F401
+
+    return {}
+
+
+PHASES = {"baseline": phase_baseline, "generate": phase_generate, "build": phase_build,
+          "kth": phase_kth, "exact": phase_exact, "outliers": phase_outliers, "score": phase_score}
+
+
+# ---------------------------------------------------------------------------- driver
+def run_phase(name: str, argv: list[str]) -> dict:
+    """Run one phase in a fresh process; its result plus its peak RSS (MiB)."""
+    out = subprocess.run([sys.executable, __file__, "--phase", name, *argv],
+                         capture_output=True, text=True, env=os.environ)
+    if out.returncode:
+        sys.stderr.write(out.stderr[-3000:])
+        raise SystemExit(f"phase {name} failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--count", type=int, default=100_000, help="global outliers (0: skip that phase)")
+    p.add_argument("--head-classes", type=int, default=1000)
+    p.add_argument("--codec", default="flat")
+    p.add_argument("--budget", type=int, default=1 << 30, help="index build memory budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", help="keep the stores here (default: a temporary folder)")
+    p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.workdir or tmp)
+        a.work, a.store, a.unlabeled = work, str(work / "store.zarr"), str(work / "unl.zarr")
+        if a.phase:  # child process: one phase, JSON on the last line
+            result = PHASES[a.phase](a)
+            print(json.dumps({**result, "peak_mib": _peak_mib()}, default=str))
+            return
+        argv = [x for x in sys.argv[1:]] + ["--workdir", str(work)] * (a.workdir is None)
+        report(a, {name: run_phase(name, argv) for name in PHASES})
+
+
+def report(a: argparse.Namespace, r: dict) -> None:
+    f32_mib = a.rows * a.dim * 4 / 2**20
+    print(f"# scale benchmark: {a.rows:,} x {a.dim} float16, {a.classes} classes, K={a.k}, "
+          f"codec {a.codec}; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs; store float32 size {f32_mib:,.0f} MiB; a process with "
+          f"torch + faiss + npos imported: {r['baseline']['peak_mib']:,.0f} MiB")
+    b, k, e, o, s = r["build"], r["kth"], r["exact"], r["outliers"], r["score"]
+    base = r["baseline"]["peak_mib"]
+    print("| phase | seconds | peak RSS MiB | above imports MiB | peak / float32 size |")
+    print("|---|---:|---:|---:|---:|")
+    for name in ("generate", "build", "kth", "exact", "outliers", "score"):
+        x = r[name]
+        secs = x.get("seconds", x.get("fill_seconds"))
+        secs = "skipped" if secs is None else f"{secs:,.1f}"
+        print(f"| {name} | {secs} | {x['peak_mib']:,.0f} | {x['peak_mib'] - base:,.0f} | "
+              f"{x['peak_mib'] / f32_mib:.2f} |")
+    total = b["seconds"] + k["seconds"] + o.get("seconds", 0.0)
+    print(f"\nindex: nlist {b['nlist']}, nprobe {b['nprobe']}, held-out recall {b['recall']}, "
+          f"{b['size_bytes'] / 2**20:,.0f} MiB")
+    print(f"build + kth of every row{' + outliers' if 'seconds' in o else ''}: {total:,.1f} s"
+          f" (goal <= 600 s){'' if 'seconds' in o else ' -- outliers: ' + o['skipped']}")
+    print(f"recall@{a.k} vs exact faiss-flat on {e['queries']} held-out rows: "
+          f"{e['recall']:.4f} (goal >= 0.95)")
+    print(f"exact faiss-flat: {e['per_query_s'] * 1e3:.2f} ms/query -> every row "
+          f"{e['all_rows_seconds']:,.0f} s; IVF kth of every row {k['seconds']:,.1f} s: "
+          f"{e['all_rows_seconds'] / k['seconds']:.1f}x faster (goal >= 5x); per query "
+          f"{e['per_query_s'] / e['ivf_per_query_s']:.1f}x")
+    print(f"peak RSS build/kth vs float32 size: {b['peak_mib'] / f32_mib:.2f} / "
+          f"{k['peak_mib'] / f32_mib:.2f} (goal <= 2)")
+    print(f"score head,knn ({a.head_classes}-class RBF head): {s['seconds']:,.1f} s, peak RSS "
+          f"{s['peak_mib']:,.0f} MiB (goal <= 3072)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Building a store's persisted IVF index (``npos index build``); see :mod:`npos.knn.store_index`.
+
+Two streaming passes over the store's valid rows, never the whole store in float32 unless it
+fits ``memory_budget``:
+
+1. gather a seeded training sample (at most :data:`~npos.knn.ivf.IVF_MAX_POINTS_PER_LIST`
+   per list, and at most half the budget) and the **held-out** query rows, normalized once;
+   train the coarse quantizer (and the scalar quantizer for ``sq8``) on the sample only —
+   the held-out rows are never in it, so they behave like new queries;
+2. add every valid row, chunk by chunk, with its store row as faiss id, and — in the same
+   pass — compute the held-out rows' exact neighbours (self excluded) block by block over
+   the bank, merging top-``max(k)`` lists.
+
+nprobe is then tuned per k: doubling from where the probed lists hold ~2k points until
+recall@k of the held-out rows (own row dropped from both lists) reaches ``target_recall``.
+On GPU (faiss-gpu) k-means and the list assignment run on all GPUs; the index is written
+from the CPU.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from npos import __version__
+from npos.atomic import atomic_path, check_output
+from npos.errors import ParameterError
+from npos.knn import faiss_gpus, import_faiss
+from npos.knn.backends import DEFAULT_TARGET_RECALL, FAISS_GPU_MAX_K
+from npos.knn.ivf import IVF_MAX_POINTS_PER_LIST, ivf_nlist
+from npos.knn.store_index import (FORMAT, HELDOUT_FILE, INDEX_FILE, META_FILE, QUERIES_FILE,
+                                  ROWS_FILE, TRUTH_FILE, StoreIndex, _unit, default_index_path,
+                                  drop_rows, recall_of, store_stamp)
+from npos.validation import check_choice, check_float, check_int, fail, format_size
+
+#: ``flat``: float32 lists; ``fp16``: float16 lists (scalar quantizer, 2 bytes/dim, CPU and
+#: GPU); ``sq8``: 8-bit scalar quantizer (1 byte/dim, approximate distances).
+CODECS = ("flat", "fp16", "sq8")
+#: Default working memory of a build (the index itself comes on top).
+DEFAULT_BUILD_BUDGET = 1 << 30
+#: Held-out query rows used to tune nprobe (at most a tenth of the rows).
+DEFAULT_HELDOUT = 1000
+DEFAULT_KS = (50,)
+#: faiss warns below this many training rows per list (``min_points_per_centroid``).
+TRAIN_MIN_PER_LIST = 39
+
+
+def _bytes_per_row(store: Any) -> int:
+    """Working bytes per streamed row: the stored row, its float32 copy, the unit copy."""
+    return store.dim * (np.dtype(store.dtype).itemsize + 8)
+
+
+def _blocks(store: Any, rows: np.ndarray, block_rows: int) -> Iterator[tuple[np.ndarray, Any]]:
+    """``(store rows, raw embeddings)`` of the valid ``rows``, ``block_rows`` stored rows at a
+    time (whole chunks)."""
+    for start in range(0, store.n_rows, block_rows):
+        stop = min(start + block_rows, store.n_rows)
+        lo, hi = np.searchsorted(rows, [start, stop])
+        if hi > lo:
+            data = store.read_rows("embeddings", start, stop)
+            yield rows[lo:hi], data[rows[lo:hi] - start]
+
+
+def _check_options(store: Any, n: int, codec: str, nlist: Any, ks: Sequence[int],
+                   target_recall: float, budget: int, heldout: int) -> tuple[int, int]:
+    """Validate the build options (CLI flag names in messages); ``(nlist, min budget)``."""
+    owner = "index build"
+    check_choice("--codec", codec, CODECS, owner=owner)
+    check_float("--target-recall", target_recall, 0.0, 1.0, low_open=True, owner=owner)
+    if n < 3:
+        raise ParameterError(f"store {store.url!r} has {n} valid rows; an index needs >= 3")
+    auto = ivf_nlist(n)
+    if nlist in (None, "auto"):
+        nlist = auto
+    else:
+        try:
+            nlist = int(nlist)
+        except (TypeError, ValueError):
+            fail("--nlist", nlist, f"'auto' or an int (auto = {auto} here)", owner=owner)
+        check_int("--nlist", nlist, 1, n, owner=owner,
+                  why=f" (at most the {n} valid rows of the store; auto = {auto})")
+    for k in ks:
+        check_int("--k", k, 1, n - 2, owner=owner, why=f" (the store has {n} valid rows)")
+    check_int("heldout", heldout, 1, owner=owner)
+    need = store.chunk_rows * (_bytes_per_row(store) + 4 * min(heldout, n))
+    if budget < need:
+        fail("--memory-budget", format_size(budget), f"at least {format_size(need)}",
+             owner=owner, why=f" (one chunk of {store.chunk_rows} rows x {store.dim} dims "
+                              "and the held-out similarities)")
+    # half the budget holds the training sample: at least faiss's minimum rows per list
+    train_need = 2 * 4 * store.dim * min(n, TRAIN_MIN_PER_LIST * nlist)
+    if budget < train_need:
+        fail("--memory-budget", format_size(budget), f"at least {format_size(train_need)}",
+             owner=owner, why=f" (k-means needs {TRAIN_MIN_PER_LIST} training rows per list "
+                              f"for nlist {nlist}; or pass a smaller --nlist)")
+    return nlist, need
+
+
+def _empty_index(dim: int, nlist: int, codec: str) -> Any:
+    faiss = import_faiss("npos index build")
+    quantizer = faiss.IndexFlatL2(dim)
+    if codec == "flat":
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_L2)
+    else:
+        kind = faiss.ScalarQuantizer.QT_fp16 if codec == "fp16" else \
+            faiss.ScalarQuantizer.QT_8bit
+        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, kind, faiss.METRIC_L2)
+    index.own_fields = True
+    quantizer.this.disown()  # the index owns (and frees) its quantizer
+    return index
+
+
+class _ExactTopK:
+    """The exact ``depth`` nearest rows of fixed unit queries, merged block by block over the
+    bank (largest dot products; the query's own store row excluded). Holds one (Q, B)
+    float32 similarity block at a time: the block's top ``depth`` are merged with the running
+    (Q, depth) best, so no (Q, B) index or mask array is ever built."""
+
+    def __init__(self, queries: np.ndarray, query_rows: np.ndarray, depth: int) -> None:
+        import torch
+
+        self.q = torch.from_numpy(queries)
+        self.own = query_rows  # ascending store rows
+        self.depth = depth
+        self.sims = torch.full((len(queries), depth), -math.inf)
+        self.ids = torch.full((len(queries), depth), -1, dtype=torch.int64)
+
+    def update(self, unit: np.ndarray, rows: np.ndarray) -> None:
+        import torch
+
+        sims = self.q @ torch.from_numpy(unit).T  # (Q, B)
+        # queries whose own row is in this block: that similarity must not count
+        pos = np.searchsorted(rows, self.own)
+        hit = (pos < len(rows)) & (rows[np.minimum(pos, len(rows) - 1)] == self.own)
+        sims[torch.from_numpy(np.flatnonzero(hit)), torch.from_numpy(pos[hit])] = -math.inf
+        top = sims.topk(min(self.depth, sims.shape[1]), dim=1)
+        del sims
+        block_ids = torch.from_numpy(rows)[top.indices]
+        merged = torch.cat([self.sims, top.values], dim=1).topk(self.depth, dim=1)
+        self.sims = merged.values
+        self.ids = torch.cat([self.ids, block_ids], dim=1).gather(1, merged.indices)
+
+    def result(self) -> np.ndarray:
+        return self.ids.numpy()
+
+
+def tune_nprobe(index: StoreIndex, queries: np.ndarray, query_rows: np.ndarray,
+                truth: np.ndarray, k: int, target_recall: float) -> tuple[int, float]:
+    """Smallest doubling nprobe whose recall@k on the held-out ``queries`` (own rows dropped)
+    reaches ``target_recall`` (or all lists); ``(nprobe, recall)``."""
+    nlist = index.nlist
+    limit = min(nlist, FAISS_GPU_MAX_K) if index.on_gpu else nlist
+    probe = max(1, math.ceil(2 * k * nlist / max(index.n, 1)))
+    probe = min(2 ** math.ceil(math.log2(probe)), limit)
+    while True:
+        dist, ids = index._search_unit(queries, k + 1, probe)
+        _, ids = drop_rows(dist, ids, query_rows, k)
+        recall = recall_of(ids, truth, k)
+        if recall >= target_recall or probe >= limit:
+            return probe, recall
+        probe = min(probe * 2, limit)
+
+
+def build_store_index(store: Any, out: str | None = None, *, codec: str = "flat",
+                      nlist: int | str = "auto", target_recall: float = DEFAULT_TARGET_RECALL,
+                      ks: Sequence[int] = DEFAULT_KS, device: str = "auto",
+                      memory_budget: int = DEFAULT_BUILD_BUDGET, seed: int = 0,
+                      heldout: int = DEFAULT_HELDOUT, overwrite: bool = False,
+                      progress: bool = False) -> StoreIndex:
+    """Build, tune and write the IVF index of every valid row of ``store``.
+
+    Parameters
+    ----------
+    store : FeatureStore or str
+        A complete store (any kind with embeddings).
+    out : str, optional
+        The index folder (default :func:`~npos.knn.store_index.default_index_path`).
+    codec : {"flat", "fp16", "sq8"}
+        ``flat``: float32 lists (``IndexIVFFlat``, 4 bytes/dim); ``fp16``: float16 lists
+        (``IndexIVFScalarQuantizer`` QT_fp16, 2 bytes/dim); ``sq8``: 8-bit scalar quantizer
+        (1 byte/dim, approximate distances).
+    nlist : int or "auto"
+        IVF lists; ``auto`` is :func:`~npos.knn.ivf.ivf_nlist` of the row count.
+    target_recall : float
+        Recall@k on held-out rows each tuned nprobe reaches (unless all lists are probed).
+    ks : sequence of int
+        Depths tuned now (others are tuned on first use, up to ``max(ks)``).
+    device : str
+        ``auto``/``cuda``: k-means and list assignment on all GPUs when faiss sees any.
+    memory_budget : int
+        Bytes of working memory (blocks, training sample, held-out similarities); the index
+        itself comes on top.
+    seed : int
+        Seeds the training sample and the held-out rows.
+    heldout : int
+        Held-out query rows (at most a tenth of the valid rows).
+
+    Returns
+    -------
+    StoreIndex
+        The written index, on the CPU.
+    """
+    from tqdm.auto import tqdm
+
+    from npos.device import resolve_device
+    from npos.knn.store_index import _as_store
+
+    began = time.perf_counter()
+    store = _as_store(store)
+    out = out or default_index_path(store.url)
+    if out is None:
+        raise ParameterError(f"store {store.url!r} is not a local folder; pass --out PATH")
+    check_output(out, overwrite=overwrite, what="store index")
+    rows = np.flatnonzero(store.readable_rows()).astype(np.int64)
+    n = len(rows)
+    ks = sorted({int(k) for k in ks})
+    nlist, _ = _check_options(store, n, codec, nlist, ks, target_recall, memory_budget,
+                              heldout)
+    on_gpu = resolve_device(device).type == "cuda" and faiss_gpus() > 0
+    stamp = store_stamp(store)
+
+    rng = np.random.default_rng(seed)
+    n_held = min(heldout, max(1, n // 10))
+    order = rng.permutation(n)
+    held = np.sort(rows[order[:n_held]])
+    n_train = max(1, min(n - n_held, IVF_MAX_POINTS_PER_LIST * nlist,
+                         memory_budget // 2 // (4 * store.dim)))
+    train_rows = np.sort(rows[order[n_held:n_held + n_train]])
+    per_row = _bytes_per_row(store)
+    block = max(1, memory_budget // 2 // per_row // store.chunk_rows) * store.chunk_rows
+
+    # pass 1: the training sample and the held-out queries, normalized once
+    wanted = np.union1d(train_rows, held)
+    train_x = np.empty((n_train, store.dim), np.float32)
+    queries = np.empty((n_held, store.dim), np.float32)
+    for part, data in tqdm(_blocks(store, wanted, block), desc="index: sample",
+                           disable=not progress, total=math.ceil(store.n_rows / block)):
+        unit = _unit(data)
+        t = np.isin(part, train_rows)
+        train_x[np.searchsorted(train_rows, part[t])] = unit[t]
+        h = np.isin(part, held)
+        queries[np.searchsorted(held, part[h])] = unit[h]
+    index = _empty_index(store.dim, nlist, codec)
+    faiss = import_faiss("npos index build")
+    if on_gpu:  # k-means on all GPUs (faiss's bench_all_ivf does the same)
+        index.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(store.dim))
+    index.train(train_x)
+    del train_x
+    cpu_quantizer = index.quantizer
+    if on_gpu:  # assign rows to lists on the GPUs, then give the CPU quantizer back
+        index.quantizer = faiss.index_cpu_to_all_gpus(cpu_quantizer)
+
+    # pass 2: add every valid row; exact neighbours of the held-out rows on the way
+    depth = max(ks)
+    exact = _ExactTopK(queries, held, depth)
+    block = max(1, memory_budget // (per_row + 4 * n_held) // store.chunk_rows) \
+        * store.chunk_rows
+    for part, data in tqdm(_blocks(store, rows, block), desc="index: add",
+                           disable=not progress, total=math.ceil(store.n_rows / block)):
+        unit = _unit(data)
+        index.add_with_ids(unit, part)
+        exact.update(unit, part)
+    index.quantizer = cpu_quantizer
+    truth = exact.result()
+
+    meta = {"format": FORMAT, "npos_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "store": {"url": store.url, "fingerprint": store.fingerprint(),
+                      "n_rows": store.n_rows, "dim": store.dim, "stamp": stamp},
+            "n_indexed": n, "codec": codec, "nlist": nlist, "metric": "l2-unit",
+            "target_recall": target_recall, "heldout": n_held, "train_rows": n_train,
+            "seed": seed, "memory_budget": memory_budget, "nprobe": {}, "recall": {}}
+    result = StoreIndex(out, meta, index, rows)
+    for k in ks:
+        probe, recall = tune_nprobe(result, queries, held, truth, k, target_recall)
+        meta["nprobe"][str(k)], meta["recall"][str(k)] = probe, recall
+    meta["build_seconds"] = round(time.perf_counter() - began, 3)
+    with atomic_path(out, overwrite=overwrite, directory=True, what="store index") as tmp:
+        faiss.write_index(index, str(tmp / INDEX_FILE))
+        for name, array in ((ROWS_FILE, rows), (HELDOUT_FILE, held), (QUERIES_FILE, queries),
+                            (TRUTH_FILE, truth)):
+            np.save(tmp / name, array, allow_pickle=False)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return StoreIndex(str(Path(out)), meta, index, rows)
