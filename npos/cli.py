@@ -83,10 +83,11 @@ def cli(ctx: click.Context, debug: bool, verbose: int, quiet: bool) -> None:
 def _register() -> None:
     # Each command lives in its own module under npos.commands; heavy imports (torch,
     # open_clip, faiss) happen inside the commands so `npos --help` stays fast.
-    from npos.commands import (demo, evaluate, extract, finetune, score, store, synthesize,
-                               train_head)
+    from npos.commands import (demo, evaluate, extract, finetune, score, store, sweep,
+                               synthesize, train_head)
 
-    for module in (extract, synthesize, train_head, finetune, evaluate, score, demo, store):
+    for module in (extract, synthesize, train_head, finetune, evaluate, score, sweep, demo,
+                   store):
         cli.add_command(module.command)
         add_config_option(module.command)
 
