@@ -75,10 +75,13 @@ def head_config(point: Mapping[str, Any], seed: int):
 
 
 def train_point(split: Split, point: Mapping[str, Any], seed: int, work: Path, *,
-                device: str) -> tuple[str, dict[str, float]]:
+                device: str, cache: Path | None = None) -> tuple[str, dict[str, float]]:
     """Outliers (offline when frozen) and a head for one point and seed, under ``work``.
 
-    Returns the head directory and the seconds spent per stage.
+    Offline outliers depend only on the synthesis settings, ``queue`` and the seed, so
+    points that differ in head settings alone (e.g. ``ood-weight``) share one outliers
+    store in ``cache`` (``DIR/outliers/``). Returns the head directory and the seconds
+    spent per stage.
     """
     from npos.train_head import train_head
 
@@ -86,15 +89,8 @@ def train_point(split: Split, point: Mapping[str, Any], seed: int, work: Path, *
     seconds: dict[str, float] = {}
     outliers = None
     if offline(point):
-        from npos.store import FeatureStore
-        from npos.synthesize.offline import synthesize_store, write_outliers
-
         start = time.perf_counter()
-        source = FeatureStore.open(split.train)
-        made = synthesize_store(source, config.synthesis, queue=config.queue, seed=seed,
-                                device=device)
-        outliers = str(work / "outliers.zarr")
-        write_outliers(made, outliers, source=source).close()
+        outliers = _offline_outliers(split, config, seed, work, device, cache)
         seconds["synthesis"] = time.perf_counter() - start
     start = time.perf_counter()
     head = str(work / "head")
@@ -102,6 +98,35 @@ def train_point(split: Split, point: Mapping[str, Any], seed: int, work: Path, *
                outliers_per_step=point.get("outliers_per_step") if outliers else None)
     seconds["training"] = time.perf_counter() - start
     return head, seconds
+
+
+def _offline_outliers(split: Split, config, seed: int, work: Path, device: str,
+                      cache: Path | None) -> str:
+    """The outliers store of ``config.synthesis``/``queue``/``seed``: from ``cache`` when an
+    earlier run made it, else synthesized into ``work`` and moved into ``cache`` (a rename,
+    so a cached store is always complete; a concurrent run that lost the race keeps its
+    own identical copy)."""
+    from npos.store import FeatureStore
+    from npos.synthesize.offline import synthesize_store, write_outliers
+
+    key = point_id({**config.synthesis.to_dict(), "queue": config.queue, "seed": seed,
+                    "train": split.train})
+    cached = cache / f"{key}.zarr" if cache is not None else None
+    if cached is not None and cached.exists():
+        return str(cached)
+    source = FeatureStore.open(split.train)
+    made = synthesize_store(source, config.synthesis, queue=config.queue, seed=seed,
+                            device=device)
+    url = work / "outliers.zarr"
+    write_outliers(made, str(url), source=source).close()
+    if cached is None:
+        return str(url)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(url, cached)
+    except OSError:  # another job cached the same outliers first
+        return str(url)
+    return str(cached)
 
 
 def evaluate_point(split: Split, scores: str, *, head: str | None, device: str) -> dict:
@@ -122,7 +147,8 @@ def run_task(split: Split, point: Mapping[str, Any], seed: int, out_dir: Path, *
         shutil.rmtree(work)
     work.mkdir(parents=True)
     try:
-        head, seconds = train_point(split, point, seed, work, device=device)
+        head, seconds = train_point(split, point, seed, work, device=device,
+                                    cache=Path(out_dir) / "outliers")
         start = time.perf_counter()
         record = evaluate_point(split, scores, head=head, device=device)
         seconds["evaluation"] = time.perf_counter() - start

@@ -6,7 +6,6 @@ import pytest
 
 from benchmarks.feature_world import make_feature_world, write_world
 
-#: Fixed settings small enough for the world's 60 rows per class.
 SMALL = ["--id-loss", "none", "--queue", "50", "--k", "10", "--select", "20", "--pick", "2",
          "--candidates", "20", "--keep", "2", "--epochs", "2", "--device", "cpu"]
 
@@ -18,7 +17,15 @@ def world(tmp_path_factory):
     return write_world(w, tmp_path_factory.mktemp("world"), chunk_rows=64)
 
 
-def data_args(world):
+@pytest.fixture(scope="session")
+def small():
+    """Fixed settings (flags) small enough for the world's 60 rows per class."""
+    return list(SMALL)
+
+
+@pytest.fixture(scope="session")
+def data(world):
+    """TRAIN and the --val-id/--val-ood flags of the world."""
     return [world["train"], "--val-id", world["test"],
             "--val-ood", f"held={world['ood/held-out']}",
             "--val-ood", f"off={world['ood/off-manifold']}"]

@@ -9,7 +9,6 @@ from npos.cli import cli
 from npos.commands import train_head
 from npos.errors import ParameterError
 from npos.sweep.grid import build_grid, parse_spec
-from tests.sweep.conftest import SMALL, data_args
 
 
 def _fixed(**over):
@@ -76,9 +75,10 @@ def test_bad_grids_name_the_problem(spec, fixed, message):
      "--sort-by 'head/average/auc': expected SCORE/SET/auroc|fpr95 with SCORE one of head, "
      "knn, mcm (or id_accuracy)"),
 ])
-def test_cli_bad_input_is_one_line_exit_2_before_training(world, tmp_path, extra, message):
+def test_cli_bad_input_is_one_line_exit_2_before_training(data, small, tmp_path, extra,
+                                                          message):
     out = tmp_path / "sweep"
-    result = CliRunner().invoke(cli, ["sweep", *data_args(world), "--out", str(out), *SMALL,
+    result = CliRunner().invoke(cli, ["sweep", *data, "--out", str(out), *small,
                                       *extra])
     assert result.exit_code == 2, result.output
     assert message in result.output
@@ -91,19 +91,19 @@ def test_cli_bad_input_is_one_line_exit_2_before_training(world, tmp_path, extra
         "in-distribution"),
     (9, "--holdout-classes 9: {train!r} has 4 labelled classes and at least 2 must stay "
         "in-distribution")])
-def test_too_many_held_out_classes(world, tmp_path, n, message):
+def test_too_many_held_out_classes(world, small, tmp_path, n, message):
     out = tmp_path / "sweep"
     result = CliRunner().invoke(cli, ["sweep", world["train"], "--holdout-classes", str(n),
-                                      "--grid", "sigma=0.01,0.02", "--out", str(out), *SMALL])
+                                      "--grid", "sigma=0.01,0.02", "--out", str(out), *small])
     assert result.exit_code == 2
     assert message.format(train=world["train"]) in result.output
     assert not out.exists()
 
 
-def test_grid_from_a_config_table(world, tmp_path):
+def test_grid_from_a_config_table(data, small, tmp_path):
     config = tmp_path / "sweep.toml"
     config.write_text('[sweep.grid]\nsigma = [0.01, "x"]\n')
-    result = CliRunner().invoke(cli, ["sweep", *data_args(world), "--out", str(tmp_path / "o"),
-                                      "--config", str(config), *SMALL])
+    result = CliRunner().invoke(cli, ["sweep", *data, "--out", str(tmp_path / "o"),
+                                      "--config", str(config), *small])
     assert result.exit_code == 2
     assert "--grid sigma: 'x' is not a valid float range." in result.output

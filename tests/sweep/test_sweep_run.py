@@ -21,7 +21,6 @@ from npos.store import FeatureStore
 from npos.synthesize import SynthesisConfig
 from npos.synthesize.offline import synthesize_store, write_outliers
 from npos.train_head import HeadConfig, train_head
-from tests.sweep.conftest import SMALL, data_args
 
 GRID = "sigma=0.01,0.05 k=5,10"  # 4 points, + the ablation
 
@@ -39,10 +38,10 @@ def _points(out: Path) -> dict[tuple[float, int, float, int], dict]:
 
 
 @pytest.fixture(scope="module")
-def swept(world, tmp_path_factory):
+def swept(data, small, tmp_path_factory):
     out = tmp_path_factory.mktemp("s") / "sweep"
-    _run([*data_args(world), "--out", str(out), "--grid", GRID, "--seeds", "2", "--seed", "3",
-          *SMALL])
+    _run([*data, "--out", str(out), "--grid", GRID, "--seeds", "2", "--seed", "3",
+          *small])
     return out
 
 
@@ -86,13 +85,15 @@ def test_rows_are_the_mean_and_std_over_seeds(swept):
     assert report.splitlines()[2].startswith("Synthesis")
     assert {p.name for p in (swept / "plots").iterdir()} == {"sigma.png", "k.png"}
     assert (swept / "boundary.png").stat().st_size > 0
+    # one outliers store per synthesis setting and seed: 4 settings x 2 seeds
+    assert len(list((swept / "outliers").glob("*.zarr"))) == 8
 
 
 @pytest.mark.slow
-def test_resume_after_kill_skips_finished_points(world, swept, tmp_path):
+def test_resume_after_kill_skips_finished_points(data, small, swept, tmp_path):
     out = tmp_path / "sweep"
-    args = [sys.executable, "-m", "npos", "sweep", *data_args(world), "--out", str(out),
-            "--grid", GRID, "--seeds", "2", "--seed", "3", *SMALL]
+    args = [sys.executable, "-m", "npos", "sweep", *data, "--out", str(out),
+            "--grid", GRID, "--seeds", "2", "--seed", "3", *small]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -115,10 +116,10 @@ def test_resume_after_kill_skips_finished_points(world, swept, tmp_path):
         assert resumed[key]["id_accuracy"] == doc["id_accuracy"]
 
 
-def test_holdout_classes_split_the_training_cache(world, tmp_path):
+def test_holdout_classes_split_the_training_cache(world, small, tmp_path):
     out = tmp_path / "sweep"
     _run([world["train"], "--holdout-classes", "1", "--out", str(out), "--grid",
-          "sigma=0.01,0.05", "--seeds", "1", "--baselines", "knn", *SMALL, "--queue", "40"])
+          "sigma=0.01,0.05", "--seeds", "1", "--baselines", "knn", *small, "--queue", "40"])
     train, test, held = (FeatureStore.open(str(out / "data" / f"{n}.zarr"))
                          for n in ("train", "test", "heldout"))
     source = FeatureStore.open(world["train"])
