@@ -119,7 +119,7 @@ def test_resume_after_kill_skips_finished_points(data, small, swept, tmp_path):
 def test_holdout_classes_split_the_training_cache(world, small, tmp_path):
     out = tmp_path / "sweep"
     _run([world["train"], "--holdout-classes", "1", "--out", str(out), "--grid",
-          "sigma=0.01,0.05", "--seeds", "1", "--baselines", "knn", *small, "--queue", "40"])
+          "ood-weight=0.05,0.1", "--seeds", "1", "--baselines", "knn", *small, "--queue", "40"])
     train, test, held = (FeatureStore.open(str(out / "data" / f"{n}.zarr"))
                          for n in ("train", "test", "heldout"))
     source = FeatureStore.open(world["train"])
@@ -131,3 +131,6 @@ def test_holdout_classes_split_the_training_cache(world, small, tmp_path):
     assert train.read_extra("text_embeddings").shape == (3, 16)
     doc = json.loads((out / "results.json").read_text())
     assert list(doc["split"]["ood"]) == ["heldout"]
+    assert len(doc["rows"]) == 2 + 1 + 1  # two ood-weights, the ablation, frozen knn
+    # the two points differ only in ood-weight: one outliers store serves both
+    assert len(list((out / "outliers").glob("*.zarr"))) == 1
