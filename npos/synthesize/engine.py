@@ -313,7 +313,7 @@ def _npos(banks, classes, cfg, generator, budget, return_stats, scorers, with_ca
         kept_d, kept = cand_d.topk(cfg.keep, dim=-1)  # per picked point
         v_kept = v.gather(2, kept.unsqueeze(-1).expand(c, p, cfg.keep, dim))
         stat = (bank_d, boundary, source, cand_d)
-        if with_candidates:  # before _outputs: the sphere rescale makes a new tensor anyway
+        if with_candidates:  # as outliers would be (sphere: rescaled); _finish copies
             stat = (*stat, _finish(v, scale))
         return _outputs(cls, v_kept, scale, kept_d, source, cfg.keep), stat
 
