@@ -14,7 +14,6 @@ go through the ``npos`` logger to stderr (:mod:`npos.log`; ``-q`` / ``-v``).
 
 from __future__ import annotations
 
-import sys
 
 import click
 
@@ -83,11 +82,11 @@ def cli(ctx: click.Context, debug: bool, verbose: int, quiet: bool) -> None:
 def _register() -> None:
     # Each command lives in its own module under npos.commands; heavy imports (torch,
     # open_clip, faiss) happen inside the commands so `npos --help` stays fast.
-    from npos.commands import (demo, evaluate, extract, finetune, score, store, sweep,
-                               synthesize, train_head)
+    from npos.commands import (calibrate, demo, evaluate, extract, finetune, score, store,
+                               sweep, synthesize, text_bank, train_head)
 
     for module in (extract, synthesize, train_head, finetune, evaluate, score, sweep, demo,
-                   store):
+                   store, text_bank, calibrate):
         cli.add_command(module.command)
         add_config_option(module.command)
 
@@ -101,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -9,10 +9,10 @@ Where output goes:
 * errors — one line from the CLI (``npos.cli``), exit code 2.
 
 npos never touches the root logger: no ``logging.basicConfig``, no handler or level on root.
-The ``npos`` logger has a ``NullHandler`` (the library convention; ``npos/__init__.py``), so an application that
-configures logging decides what it sees. The CLI attaches **one** handler to the ``npos``
-logger for the duration of a command (:func:`cli_logging`; ``-q`` warnings only, ``-v``
-debug).
+The ``npos`` logger has a ``NullHandler`` (the library convention; ``npos/__init__.py``), so
+an application that configures logging decides what it sees. The CLI attaches **one** handler
+to the ``npos`` logger for the duration of a command (:func:`cli_logging`; ``-q`` warnings
+only, ``-v`` debug).
 
 **Third-party chatter.** open_clip logs through the *root* logger with module-level calls
 (``logging.info(...)``), and each such call runs ``logging.basicConfig()`` when root has no

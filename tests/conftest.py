@@ -54,3 +54,39 @@ def make_store():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+_HOLD_LOCK = """\
+import sys, time
+from npos.store.lock import WriterLock
+WriterLock(sys.argv[1], what=sys.argv[2], command="npos holder --test").acquire()
+print("held", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.fixture
+def lock_holder():
+    """``lock_holder(target, what) -> Popen``: a child process holding ``target``'s writer
+    lock (command line ``npos holder --test``) until the test ends (killed then)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    children = []
+
+    def hold(target, what="output"):
+        child = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(target), what],
+                                 stdout=subprocess.PIPE, env=env)
+        children.append(child)
+        assert child.stdout.readline().strip() == b"held"
+        return child
+
+    yield hold
+    for child in children:
+        child.kill()
+        child.wait()
+        child.stdout.close()

@@ -23,7 +23,8 @@ def train_head_options(func: Callable) -> Callable:
     types, defaults and help."""
     reused = [copy.copy(p) for p in _train_head.command.params if p.name not in _NOT_REUSED]
     # click.option decorators append to __click_params__ and the list is read reversed.
-    func.__click_params__ = [*getattr(func, "__click_params__", []), *reversed(reused)]
+    func.__click_params__ = [  # type: ignore[attr-defined]  # click's own convention
+        *getattr(func, "__click_params__", []), *reversed(reused)]
     return func
 
 

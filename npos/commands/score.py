@@ -15,8 +15,11 @@ from npos.commands._scoring_options import scoring_options
 @click.option("--out", required=True, metavar="FILE",
               help="Output: .csv, .parquet (needs pyarrow) or .zarr (a store of kind scores).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing FILE.")
-def command(store, head, train, scores, knn_k, knn_backend, mcm_temperature, device,
-            batch_size, out, overwrite) -> None:
+@click.option("--threshold", metavar="auto|VALUE|FILE",
+              help="Add an is_ood column (1 = the first score is below the threshold): auto "
+                   "= the thresholds stored with --head, a number, or a file from 'npos "
+                   "calibrate'.")
+def command(store, head, train, out, overwrite, threshold, **options) -> None:
     """Write OOD scores (higher = more in-distribution) for every row of STORE.
 
     Rows keep the store's ids and order. Runs under torchrun: each rank scores batches
@@ -24,10 +27,8 @@ def command(store, head, train, scores, knn_k, knn_backend, mcm_temperature, dev
     """
     from npos.evaluate import ScoringConfig, score_store
 
-    config = ScoringConfig(scores=scores, knn_k=knn_k, knn_backend=knn_backend,
-                           mcm_temperature=mcm_temperature, device=device,
-                           batch_size=batch_size)
-    summary = score_store(store, out, config, head=head, train=train, overwrite=overwrite,
-                          progress=sys.stderr.isatty())
+    summary = score_store(store, out, ScoringConfig(**options), head=head, train=train,
+                          overwrite=overwrite, progress=sys.stderr.isatty(),
+                          threshold=threshold)
     if summary.rank == 0:
         click.echo(str(summary))

@@ -84,9 +84,13 @@ def verify(store: str, no_values: bool) -> None:
 @click.option("--class-names", type=click.Path(), help="Text file, one class name per line.")
 @click.option("--text-embeddings", type=click.Path(),
               help=".npy of shape (classes, D): zero-shot class embeddings.")
-@click.option("--model", default="imported", show_default=True,
-              help="Name of the encoder that made the embeddings; stores are only compared "
-                   "with stores (and heads) of the same model.")
+@click.option("--model", default=None,
+              help="Name of the encoder that made the embeddings (e.g. ViT-B-16); stores are "
+                   "only combined with stores (and heads) of the same model. Without it the "
+                   "store is of unknown encoder: it combines only with other such stores, "
+                   "with a warning.")
+@click.option("--pretrained", default=None, metavar="TAG",
+              help="The encoder's weights (e.g. openai, or none); needs --model.")
 @click.option("--out", required=True, help="Output store (directory or fsspec URL).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Storage dtype of the embeddings.")
@@ -96,15 +100,15 @@ def verify(store: str, no_values: bool) -> None:
               help="Replace an existing store at --out. Without it, re-running an "
                    "interrupted import continues it, and re-running on a damaged store "
                    "repairs it.")
-def import_(embeddings, labels, ids, class_names, text_embeddings, model, out, dtype,
-            chunk_rows, overwrite) -> None:
+def import_(embeddings, labels, ids, class_names, text_embeddings, model, pretrained, out,
+            dtype, chunk_rows, overwrite) -> None:
     """Import embeddings computed elsewhere into a new store."""
     from npos.store import import_embeddings
 
     store = import_embeddings(
         embeddings, out, labels=labels, ids=ids, class_names=class_names,
-        text_embeddings=text_embeddings, model=model, dtype=dtype, chunk_rows=chunk_rows,
-        overwrite=overwrite, progress=sys.stderr.isatty())
+        text_embeddings=text_embeddings, model=model, pretrained=pretrained, dtype=dtype,
+        chunk_rows=chunk_rows, overwrite=overwrite, progress=sys.stderr.isatty())
     info = store.info()
     click.echo(f"wrote {out}: {info['rows']} rows x {info['dim']} ({info['dtype']}), "
                f"{info['classes'] or 0} classes, {info['chunks_total']} chunks")

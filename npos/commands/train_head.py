@@ -73,7 +73,11 @@ def _default(name: str):
 @click.option("--outliers-per-step", type=click.IntRange(min=1), default=None,
               help="Outliers drawn per step with --outliers [default: classes x --pick x "
                    "--keep, as online synthesis; one batch for a one-class store].")
-@click.option("--val", help="Labeled store (same encoder and classes): accuracy per epoch.")
+@click.option("--val", help="Labeled store (same encoder and classes): accuracy per epoch, "
+                            "and the thresholds of the head's scores at --tpr "
+                            "(OUT/thresholds.json, for 'npos score --threshold auto').")
+@click.option("--tpr", type=click.FloatRange(0, 1, min_open=True), default=0.95,
+              show_default=True, help="ID true-positive rate of the stored thresholds.")
 @click.option("--seed", type=click.IntRange(min=0), default=_default("seed"), show_default=True)
 @device_option()
 @click.option("--amp/--no-amp", default=_default("amp"), show_default=True,
@@ -82,7 +86,8 @@ def _default(name: str):
               "finished epoch (OUT.partial/).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing head at --out.")
 def command(features: str, out: str, outliers: str | None, outliers_per_step: int | None,
-            val: str | None, device: str, resume: bool, overwrite: bool, **options) -> None:
+            val: str | None, tpr: float, device: str, resume: bool, overwrite: bool,
+            **options) -> None:
     """Train a projection, classifier and OOD head on the labeled store FEATURES.
 
     Outliers are synthesized online from per-class queues of projected embeddings (the
@@ -103,3 +108,8 @@ def command(features: str, out: str, outliers: str | None, outliers_per_step: in
     click.echo(f"wrote {out}: {config.epochs} epochs, train accuracy {last['accuracy']:.4f}"
                + (f", val accuracy {last['val_accuracy']:.4f}"
                   if last["val_accuracy"] is not None else ""))
+    if val is not None:
+        from npos.evaluate.calibration import HEAD_THRESHOLDS, calibrate_head
+
+        calibrate_head(out, val, tpr=tpr, device=device)
+        click.echo(f"wrote {out}/{HEAD_THRESHOLDS} (thresholds at ID TPR {tpr:g} on {val})")

@@ -38,7 +38,9 @@ from npos.atomic import atomic_path, check_output
 from npos.errors import MissingDependencyError, OutputExistsError, ParameterError
 from npos.evaluate.batching import Distributed, Shard, n_shard_batches, shard_batches
 from npos.evaluate.config import ScoringConfig, scoring_config
-from npos.evaluate.inputs import ScoringSetup, build_scorer, open_store
+from npos.evaluate.inputs import (ScoringSetup, build_scorer, count_skipped, describe_skipped,
+                                  open_store)
+from npos.log import get_logger
 from npos.store import FeatureStore, store_exists
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".zarr": "zarr"}
@@ -58,6 +60,8 @@ class ScoreSummary:
     processes: int
     #: This process's rank (0 without torchrun); only rank 0 should print the summary.
     rank: int = 0
+    #: Rows left out (csv/parquet) or NaN (zarr) because their input failed (``valid`` False).
+    skipped: int = 0
 
     @property
     def rows_per_s(self) -> float:
@@ -125,6 +129,7 @@ def score_store(
     train: str | os.PathLike | FeatureStore | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    threshold: str | float | None = None,
     **options: Any,
 ) -> ScoreSummary:
     """Score every readable row of ``store`` and write the scores to ``out``.
@@ -145,6 +150,10 @@ def score_store(
         Replace an existing ``out``.
     progress : bool
         Progress bar (on rank 0).
+    threshold : str or float, optional
+        ``"auto"`` (the head's ``thresholds.json``), a number or a thresholds file: adds a
+        column ``is_ood`` (1 = OOD: the first score is below the threshold; NaN where the
+        score is) after the scores (:mod:`npos.evaluate.calibration`).
     **options
         :class:`ScoringConfig` fields overriding ``config`` (the former keyword arguments).
 
@@ -167,9 +176,22 @@ def score_store(
     fs = open_store(store, kinds=("features", "outliers"), what="score")
     with dist:
         setup = build_scorer({"store": fs}, config, head=head, train=train, device=dist.device)
+        _fusion_reference(setup, train)
         names = list(setup.scorer.scores)
+        cut = None
+        if threshold is not None:
+            from npos.evaluate.calibration import resolve_threshold
+
+            cut = resolve_threshold(threshold, names[0], head=head)
+            names.append("is_ood")
         batch_size = setup.config.batch_size
-        settings = setup.record(store=fs.url)
+        skipped = count_skipped(fs)
+        settings = setup.record(store=fs.url, skipped_invalid=skipped)
+        message = describe_skipped({f"store {fs.url!r}": skipped})
+        if message and dist.shard.is_main:
+            get_logger(__name__).warning(message)
+        if cut is not None:
+            settings["threshold"] = {"score": names[0], "value": cut}
         dist.barrier()  # every rank has validated `out` before rank 0 creates it
         start = time.perf_counter()
         target = None
@@ -179,7 +201,7 @@ def score_store(
             dist.barrier()
             if target is None:
                 target = FeatureStore.open(out, mode="r+")
-        parts = _score_shard(setup.scorer, fs, batch_size, dist.shard, target, progress)
+        parts = _score_shard(setup.scorer, fs, batch_size, dist.shard, target, progress, cut)
         gathered = dist.gather_to_main(parts) if fmt != "zarr" else None
         if dist.shard.is_main and gathered is not None:
             _write_table(fs, out, fmt, names, gathered, batch_size, overwrite, settings)
@@ -187,11 +209,25 @@ def score_store(
         seconds = time.perf_counter() - start
     rows = int(fs.readable_rows().sum())
     return ScoreSummary(out=out, format=fmt, scores=names, rows=rows, seconds=seconds,
-                        processes=dist.world, rank=dist.rank)
+                        processes=dist.world, rank=dist.rank, skipped=skipped)
+
+
+def _fusion_reference(setup: ScoringSetup, train: Any) -> None:
+    """Fusions in ``npos score`` are rank-normalized against the train store's scores."""
+    if not setup.scorer.fusions:
+        return
+    if train is None:
+        raise ParameterError(f"fusion(s) {', '.join(setup.scorer.fusions)} need reference ID "
+                             "scores: pass --train TRAIN_STORE")
+    from npos.evaluate.evaluation import score_rows
+
+    reference, _, _ = score_rows(setup, open_store(train), batch_size=setup.config.batch_size,
+                                 components=True)
+    setup.scorer.set_reference(reference)
 
 
 def _score_shard(scorer, fs: FeatureStore, batch_size: int, shard: Shard,
-                 target: FeatureStore | None, progress: bool):
+                 target: FeatureStore | None, progress: bool, cut: float | None = None):
     """Score this shard's batches; write zarr chunks directly or return ``(rows, matrix)``."""
     from tqdm.auto import tqdm
 
@@ -205,8 +241,12 @@ def _score_shard(scorer, fs: FeatureStore, batch_size: int, shard: Shard,
         if len(rows):
             scored = scorer.score(batch["embeddings"])
             matrix = np.stack([scored[name] for name in scorer.scores], axis=1)
+            if cut is not None:
+                from npos.evaluate.calibration import is_ood
+
+                matrix = np.column_stack([matrix, is_ood(matrix[:, 0], cut)])
         else:
-            matrix = np.zeros((0, len(scorer.scores)))
+            matrix = np.zeros((0, len(scorer.scores) + (cut is not None)))
         if target is None:
             rows_out.append(rows)
             mats.append(matrix)
@@ -215,7 +255,7 @@ def _score_shard(scorer, fs: FeatureStore, batch_size: int, shard: Shard,
     if target is not None:
         return None
     return (np.concatenate(rows_out) if rows_out else np.zeros(0, np.int64),
-            np.concatenate(mats) if mats else np.zeros((0, len(scorer.scores))))
+            np.concatenate(mats) if mats else np.zeros((0, len(scorer.scores) + (cut is not None))))
 
 
 def _create_score_store(fs: FeatureStore, out: str, names: list[str], setup: ScoringSetup,

@@ -20,6 +20,11 @@ from npos.evaluate.detectors.knn import knn_backends
 from npos.validation import check_choice, check_float, check_int
 
 
+#: The fields of the text-bank detectors (``to_dict`` leaves them out when none is used).
+TEXT_BANK_FIELDS = ("text_bank", "neg_count", "neg_groups", "neg_quantile", "neg_fraction",
+                    "neg_temperature", "csp_threshold", "seed")
+
+
 @dataclass(frozen=True)
 class ScoringConfig:
     """Parameters of scoring (see ``docs/evaluate.md``).
@@ -41,6 +46,16 @@ class ScoringConfig:
         when scoring starts).
     batch_size : int
         Rows per batch, rounded down to whole store chunks (at least one chunk), >= 1.
+    text_bank : str, optional
+        Text bank store (``npos text-bank``) of ``neglabel`` and ``csp``.
+    neg_count, neg_groups, neg_quantile, neg_fraction, neg_temperature : int/float
+        NegLabel's M (10,000), G (100), eta (0.95), the kept fraction per part of speech
+        (0.15) and the softmax temperature (0.01); see
+        :mod:`npos.evaluate.detectors.neglabel`.
+    csp_threshold : float
+        ``csp`` excludes candidates whose largest cosine to an ID class exceeds it.
+    seed : int
+        Seed of the negatives' random grouping.
     """
 
     scores: tuple[str, ...] | None = None
@@ -49,6 +64,14 @@ class ScoringConfig:
     mcm_temperature: float = 1.0
     device: str = "auto"
     batch_size: int = 65536
+    text_bank: str | None = None
+    neg_count: int = 10000
+    neg_groups: int = 100
+    neg_quantile: float = 0.95
+    neg_fraction: float = 0.15
+    neg_temperature: float = 0.01
+    csp_threshold: float = 0.95
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.scores is not None:
@@ -67,12 +90,30 @@ class ScoringConfig:
         check_choice("knn_backend", self.knn_backend, knn_backends())
         check_float("mcm_temperature", self.mcm_temperature, 0.0, low_open=True)
         check_int("batch_size", self.batch_size, 1)
+        check_int("neg_count", self.neg_count, 1)
+        check_int("neg_groups", self.neg_groups, 1)
+        check_float("neg_quantile", self.neg_quantile, 0.0, 1.0)
+        check_float("neg_fraction", self.neg_fraction, 0.0, 1.0, low_open=True)
+        check_float("neg_temperature", self.neg_temperature, 0.0, low_open=True)
+        check_float("csp_threshold", self.csp_threshold, -1.0, 1.0)
+        check_int("seed", self.seed, 0)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (``scores`` as a list or ``None``)."""
         values = dataclasses.asdict(self)
         values["scores"] = list(self.scores) if self.scores is not None else None
+        if not self.uses_text_bank:  # records stay as they were before text banks existed
+            for name in TEXT_BANK_FIELDS:
+                del values[name]
         return values
+
+    @property
+    def uses_text_bank(self) -> bool:
+        """A text bank is given or a scored detector (or fusion part) reads one."""
+        from npos.evaluate.detectors import names_where
+
+        return self.text_bank is not None or bool(
+            self.scores and names_where(self.scores, lambda d: d.needs_text_bank))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ScoringConfig:

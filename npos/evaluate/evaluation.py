@@ -12,8 +12,10 @@ import numpy as np
 from npos.errors import ParameterError
 from npos.evaluate.batching import Shard, n_shard_batches, shard_batches
 from npos.evaluate.config import ScoringConfig, scoring_config
-from npos.evaluate.inputs import ScoringSetup, build_scorer, open_store
+from npos.evaluate.inputs import (ScoringSetup, build_scorer, count_skipped, describe_skipped,
+                                  open_store)
 from npos.evaluate.metrics import accuracy, average_metrics, ood_metrics
+from npos.log import get_logger
 from npos.store import FeatureStore
 
 #: The row key of the averaged metrics in every per-score table (not allowed as an OOD name).
@@ -36,7 +38,9 @@ class EvaluationResult:
     settings : dict
         What produced the metrics (:meth:`ScoringSetup.record`): ``npos_version``,
         ``config`` (the resolved :class:`ScoringConfig`), the input stores ``id``, ``ood``,
-        ``train``, ``head``, and ``model``, ``dim``, ``rows``, ``space``,
+        ``train``, ``head``, and ``model``, ``dim``, ``rows``, ``skipped_invalid`` (rows
+        of each store left out because their input failed: ``{"id": n, ood_name: n}``),
+        ``space``,
         ``text_embeddings_from``, ``detectors`` (what fitting chose, e.g. the kNN backend).
     """
 
@@ -73,12 +77,13 @@ def parse_ood_specs(specs: Sequence[str]) -> dict[str, str]:
 
 
 def score_rows(setup: ScoringSetup, store: FeatureStore, *, batch_size: int,
-                progress: bool = False, desc: str = "scoring",
+                progress: bool = False, desc: str = "scoring", components: bool = False,
                 ) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]:
     """All readable rows of ``store`` through the scorer (one process).
 
-    Returns ``(scores, predictions, labels)``: ``{name: (n,)}``, predicted classes (n,) or
-    ``None``, and the rows' labels (n,).
+    Returns ``(scores, predictions, labels)``: ``{name: (n,)}`` (with ``components``: the
+    component detectors' scores, before fusion), predicted classes (n,) or ``None``, and the
+    rows' labels (n,).
     """
     from tqdm.auto import tqdm
 
@@ -90,14 +95,16 @@ def score_rows(setup: ScoringSetup, store: FeatureStore, *, batch_size: int,
                       unit="batch", disable=not progress):
         if not len(batch["row"]):
             continue
-        scores, predictions = setup.scorer.score_and_predict(batch["embeddings"])
+        scores, predictions = setup.scorer.score_and_predict(batch["embeddings"],
+                                                             components=components)
         parts.append(scores)
         labels.append(batch["labels"])
         if predictions is not None:
             preds.append(predictions)
     if not parts:
         raise ParameterError(f"store {store.url!r} has no readable rows to score")
-    scores = {name: np.concatenate([p[name] for p in parts]) for name in setup.scorer.scores}
+    names = setup.scorer.detectors if components else setup.scorer.scores
+    scores = {name: np.concatenate([p[name] for p in parts]) for name in names}
     return scores, (np.concatenate(preds) if preds else None), np.concatenate(labels)
 
 
@@ -119,6 +126,7 @@ def evaluate(
     head: Any = None,
     train: str | os.PathLike | FeatureStore | None = None,
     progress: bool = False,
+    threshold: str | float | None = None,
     **options: Any,
 ) -> EvaluationResult:
     """Score an ID test store and each OOD store; compute metrics per score and OOD set.
@@ -139,6 +147,9 @@ def evaluate(
         Train store: the bank of ``knn`` and the class statistics of ``mahalanobis``.
     progress : bool
         Show progress bars.
+    threshold : str or float, optional
+        ``"auto"`` / a number / a thresholds file: ``settings["threshold"]`` then holds the
+        first score's threshold, the ID TPR and each OOD set's FPR at it.
     **options
         :class:`ScoringConfig` fields overriding ``config`` — the former keyword arguments
         ``scores``, ``knn_k``, ``knn_backend``, ``mcm_temperature``, ``device``,
@@ -160,8 +171,10 @@ def evaluate(
                          config, head=head, train=train)
     batch_size = setup.config.batch_size
 
+    # Fusions are rank-normalized against the ID test scores (npos.evaluate.fusion).
     id_scores, predictions, labels = score_rows(setup, id_fs, batch_size=batch_size,
-                                                 progress=progress, desc="ID")
+                                                 progress=progress, desc="ID", components=True)
+    id_scores = setup.scorer.set_reference(id_scores).outputs(id_scores)
     id_accuracy = None
     if predictions is not None and _classifier_matches(setup, id_fs):
         id_accuracy = accuracy(predictions, labels)
@@ -179,7 +192,28 @@ def evaluate(
         metrics[name] = {**per_set, AVERAGE: average_metrics(per_set)}
     rows = {"id": int(len(labels)),
             **{n: int(len(v)) for n, v in next(iter(ood_scores.values())).items()}}
+    skipped = {"id": count_skipped(id_fs), **{n: count_skipped(fs) for n, fs in ood_fs.items()}}
+    message = describe_skipped({f"ID store {id_fs.url!r}": skipped["id"],
+                                **{f"OOD store {n!r}": skipped[n] for n in ood_fs}})
+    if message:
+        get_logger(__name__).warning(message)
     settings = setup.record(id=id_fs.url, ood={n: fs.url for n, fs in ood_fs.items()},
-                            model=id_fs.attrs.get("model"), dim=id_fs.dim, rows=rows)
+                            model=id_fs.attrs.get("model"), dim=id_fs.dim, rows=rows,
+                            skipped_invalid=skipped)
+    if threshold is not None:
+        settings["threshold"] = _at_threshold(threshold, setup, head, id_scores, ood_scores)
     return EvaluationResult(id_accuracy=id_accuracy, metrics=metrics, id_scores=id_scores,
                             ood_scores=ood_scores, settings=settings)
+
+
+def _at_threshold(threshold: str | float, setup: ScoringSetup, head: Any,
+                  id_scores: dict[str, np.ndarray],
+                  ood_scores: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """ID TPR and OOD FPRs of the first score's decision ``score >= threshold`` (= ID)."""
+    from npos.evaluate.calibration import resolve_threshold
+
+    name = setup.scorer.scores[0]
+    value = resolve_threshold(threshold, name, head=head)
+    return {"score": name, "value": value,
+            "id_tpr": float(np.mean(id_scores[name] >= value)),
+            "fpr": {o: float(np.mean(v >= value)) for o, v in ood_scores[name].items()}}

@@ -31,6 +31,25 @@ def open_store(store: str | os.PathLike | FeatureStore, *,
     return store
 
 
+def count_skipped(store: FeatureStore) -> int:
+    """Rows of a complete ``store`` that scoring skips: those whose ``valid`` is False (inputs
+    that failed to load when the store was made)."""
+    return int(store.n_rows - store.readable_rows().sum())
+
+
+def describe_skipped(skipped: Mapping[str, int]) -> str | None:
+    """One line tallying skipped invalid rows per store, or ``None`` when none was skipped.
+
+    ``skipped`` maps a store description (``"ID store 'test.zarr'"``) to its count.
+    """
+    parts = [f"{n} in {what}" for what, n in skipped.items() if n]
+    if not parts:
+        return None
+    total = sum(skipped.values())
+    return (f"skipped {total} invalid row{'s' if total != 1 else ''} (inputs that failed to "
+            f"load; 'npos store info STORE --failed' lists them): {', '.join(parts)}")
+
+
 def check_same_encoder(reference: FeatureStore, others: Mapping[str, FeatureStore]) -> None:
     """Refuse stores whose encoder, weights, preprocessing or dim differ from ``reference``.
 
@@ -105,6 +124,32 @@ def _load_head(head: Any, device: str) -> tuple[Any, str | None]:
     return head, "<in-memory head>"
 
 
+def _attach_text_bank(scorer: OODScorer, stores: Mapping[str, FeatureStore],
+                      train_store: FeatureStore | None) -> None:
+    """Give the text-bank detectors (``neglabel``, ``csp``) the bank and the ID class text
+    embeddings, after checking that the bank comes from the stores' encoder."""
+    wanted = [n for n, d in scorer.detectors.items() if d.needs_text_bank]
+    if not wanted:
+        return
+    config = scorer.config
+    if config.text_bank is None:
+        raise ParameterError(f"score(s) {', '.join(wanted)} need a text bank: pass --text-bank "
+                             "TEXT.zarr (made by 'npos text-bank')")
+    from npos.textbank import TextBank, check_bank_matches
+
+    bank = TextBank(config.text_bank)
+    for what, store in stores.items():
+        check_bank_matches(bank, store, what=what)
+    source = next((s for s in (train_store, *stores.values())
+                   if s is not None and s.has("text_embeddings")), None)
+    if source is None:
+        raise ParameterError(f"score(s) {', '.join(wanted)} need the ID class text embeddings, "
+                             "but neither the scored stores nor the train store have any")
+    class_text = source.read_extra("text_embeddings", dtype="float32")
+    for name in wanted:
+        scorer.detectors[name].attach(class_text=class_text, bank=bank, device=scorer.device)
+
+
 def build_scorer(
     stores: Mapping[str, FeatureStore],
     config: ScoringConfig | None = None,
@@ -175,6 +220,7 @@ def build_scorer(
                 f"{reference.url!r} has no text embeddings (nor does the train store) and no "
                 "--head was given")
     scorer = OODScorer(names, head=head, text_embeddings=text, config=config, device=device)
+    _attach_text_bank(scorer, {ref_what: reference, **others}, train_store)
     scorer.fit(train_store)
     return ScoringSetup(scorer=scorer, head_path=head_path,
                         train_url=train_store.url if train_store is not None else None,

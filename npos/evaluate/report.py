@@ -11,7 +11,9 @@ Layout of ``REPORT_DIR``::
     plots/roc_SCORE.png   ROC curves of every OOD set
 
 The folder is built in a temporary sibling and moved into place, so a failed run leaves
-nothing half-written and an existing report is only replaced with ``overwrite``.
+nothing half-written and an existing report is only replaced with ``overwrite``. One writer
+at a time: the folder's :class:`~npos.store.lock.WriterLock` is taken by
+:func:`check_report_dir` (before any work) and held until :func:`write_report` ends.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 from npos.atomic import atomic_path, check_output
 from npos.evaluate.evaluation import AVERAGE, EvaluationResult
 from npos.evaluate.metrics import HIGHER_IS_BETTER, METRIC_KEYS, roc_curve
+from npos.store.lock import WriterLock
 
 METRIC_LABELS = {"fpr95": "FPR95", "auroc": "AUROC", "aupr_in": "AUPR-In",
                  "aupr_out": "AUPR-Out"}
@@ -77,6 +80,11 @@ def render_markdown(result: EvaluationResult) -> str:
     lines += [f"- ID store: `{s.get('id')}` ({s.get('rows', {}).get('id')} rows)"]
     for name, url in (s.get("ood") or {}).items():
         lines.append(f"- OOD `{name}`: `{url}` ({s.get('rows', {}).get(name)} rows)")
+    skipped = s.get("skipped_invalid") or {}
+    if any(skipped.values()):
+        lines.append("- skipped (inputs that failed to load): " + ", ".join(
+            f"{n} {'ID' if name == 'id' else repr(name)} rows"
+            for name, n in skipped.items() if n))
     lines += [f"- encoder: `{s.get('model')}`, dim {s.get('dim')}",
               f"- space: {s.get('space')}" + (f" (head `{s['head']}`)" if s.get("head") else
                                               " (zero-shot: class text embeddings)"),
@@ -153,22 +161,45 @@ def _plot_roc(result: EvaluationResult, score: str, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+#: Report folders whose lock :func:`check_report_dir` took, until :func:`write_report` ends.
+_CLAIMED: dict[str, WriterLock] = {}
+
+
 def check_report_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Refuse an existing report folder without ``overwrite`` (call before any work)."""
-    return check_output(out_dir, overwrite=overwrite, what="report folder")
+    """Refuse an existing report folder without ``overwrite`` (call before any work), and
+    claim it: its writer lock (``.NAME.lock`` beside it) is held from now until
+    :func:`write_report` into it ends (or the process exits), so a second ``evaluate`` into
+    the same folder is refused at its start, naming this one."""
+    key = os.path.abspath(os.fspath(out_dir))
+    lock = _CLAIMED.get(key) or WriterLock(out_dir, what="report folder").acquire()
+    try:
+        path = check_output(out_dir, overwrite=overwrite, what="report folder")
+    except BaseException:
+        _CLAIMED.pop(key, None)
+        lock.release()
+        raise
+    _CLAIMED[key] = lock
+    return path
 
 
 def write_report(result: EvaluationResult, out_dir: str | os.PathLike, *,
                  overwrite: bool = False) -> Path:
-    """Write ``metrics.json``, ``report.md`` and the plots into ``out_dir`` atomically."""
-    with atomic_path(out_dir, overwrite=overwrite, directory=True,
-                     what="report folder") as tmp:
-        (tmp / "metrics.json").write_text(json.dumps(result.to_json(), indent=2) + "\n",
-                                          encoding="utf-8")
-        (tmp / "report.md").write_text(render_markdown(result), encoding="utf-8")
-        plots = tmp / "plots"
-        plots.mkdir()
-        for score in result.metrics:
-            _plot_histograms(result, score, plots / f"hist_{score}.png")
-            _plot_roc(result, score, plots / f"roc_{score}.png")
+    """Write ``metrics.json``, ``report.md`` and the plots into ``out_dir`` atomically,
+    holding the folder's writer lock (a second writer is refused, naming the holder)."""
+    claimed = _CLAIMED.pop(os.path.abspath(os.fspath(out_dir)), None)
+    try:
+        with WriterLock(out_dir, what="report folder"), \
+                atomic_path(out_dir, overwrite=overwrite, directory=True,
+                            what="report folder") as tmp:
+            (tmp / "metrics.json").write_text(json.dumps(result.to_json(), indent=2) + "\n",
+                                              encoding="utf-8")
+            (tmp / "report.md").write_text(render_markdown(result), encoding="utf-8")
+            plots = tmp / "plots"
+            plots.mkdir()
+            for score in result.metrics:
+                _plot_histograms(result, score, plots / f"hist_{score}.png")
+                _plot_roc(result, score, plots / f"roc_{score}.png")
+    finally:
+        if claimed is not None:
+            claimed.release()
     return Path(out_dir)

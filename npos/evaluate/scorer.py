@@ -14,6 +14,7 @@ from npos.errors import ParameterError
 from npos.evaluate.config import ScoringConfig, scoring_config
 from npos.evaluate.detectors import CLASSIFIER_INPUTS, Detector, as_tensor, get_detector, \
     names_where, parse_scores, to_numpy
+from npos.evaluate.fusion import expand, fuse, sorted_reference
 from npos.evaluate.spaces import EncoderSpace, HeadSpace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,14 +71,35 @@ class OODScorer:
             raise ParameterError(f"the {', '.join(map(repr, need_head))} score"
                                  f"{'s need' if len(need_head) > 1 else ' needs'} a trained "
                                  "head (--head HEAD_DIR)")
+        components, self.fusions = expand(names)
+        self._outputs = list(names)
         self.detectors: dict[str, Detector] = {
             name: get_detector(name).from_config(self.config, device=self.device)
-            for name in names}
+            for name in components}
+        #: Sorted ID reference scores of the fused components (see npos.evaluate.fusion).
+        self.reference_: dict[str, np.ndarray] | None = None
 
     @property
     def scores(self) -> list[str]:
-        """The detector names, in output order."""
-        return list(self.detectors)
+        """The score names (detectors and fusions), in output order."""
+        return list(self._outputs)
+
+    def set_reference(self, component_scores: dict[str, np.ndarray]) -> OODScorer:
+        """Reference ID scores of the components, for fusions (``{name: (n,)}``)."""
+        self.reference_ = sorted_reference(component_scores)
+        return self
+
+    def outputs(self, components: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The requested scores from the components' scores (fusions rank-normalized against
+        :attr:`reference_`)."""
+        fused = {}
+        if self.fusions:
+            if self.reference_ is None:
+                raise ParameterError(f"fusion(s) {', '.join(self.fusions)} need reference ID "
+                                     "scores (npos score: pass --train TRAIN_STORE)")
+            fused = fuse(components, self.fusions, self.reference_)
+        return {name: fused[name] if name in fused else components[name]
+                for name in self._outputs}
 
     @property
     def mcm_temperature(self) -> float:
@@ -142,22 +164,24 @@ class OODScorer:
 
     def score(self, z: Any) -> dict[str, np.ndarray]:
         """All requested scores of raw embeddings ``z`` (N, D): ``{name: (N,) float64}``."""
-        return self._compute(z, predict=False)[0]
+        return self.outputs(self._compute(z, predict=False)[0])
 
-    def score_and_predict(self, z: Any) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        """Scores as :meth:`score`, plus the classifier's predicted classes (``None``
-        without a classifier)."""
-        return self._compute(z, predict=True)
+    def score_and_predict(self, z: Any, *, components: bool = False,
+                          ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """Scores as :meth:`score` (or, with ``components``, the component detectors' scores
+        before fusion), plus the classifier's predicted classes (``None`` without one)."""
+        scores, predictions = self._compute(z, predict=True)
+        return (scores if components else self.outputs(scores)), predictions
 
     def _inputs(self, z: Any, wanted: set[str]) -> dict[str, Any]:
         """The detector inputs named in ``wanted`` (and ``features``), as tensors."""
         import torch
 
         logits = self.has_classifier and bool(wanted & set(CLASSIFIER_INPUTS))
+        z = as_tensor(z, self.device)
         with torch.no_grad():
-            space = self.space.outputs(as_tensor(z, self.device), logits=logits,
-                                       ood="ood_logit" in wanted)
-        inputs: dict[str, Any] = {"features": space.features}
+            space = self.space.outputs(z, logits=logits, ood="ood_logit" in wanted)
+        inputs: dict[str, Any] = {"features": space.features, "embeddings": z}
         if space.cosine is not None:
             # float64 from here: softmax maxima of near-uniform MCM probabilities differ in
             # the 5th digit, and float32 rounding would create spurious ties.

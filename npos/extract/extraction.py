@@ -560,7 +560,8 @@ class FeatureExtractor:
                 if self.on_error == "fail" and any(reasons):
                     if pending is not None:  # it may complete a chunk: keep that chunk
                         assembler.add(pending)
-                    row, reason = next((r, e) for r, e in zip(rows.tolist(), reasons) if e)
+                    row, reason = next((r, e) for r, e in zip(rows.tolist(), reasons, strict=True)
+                                       if e)
                     raise ImageDecodeError(source.path(row), reason)
                 images = images.to(device, non_blocking=True)
                 with torch.inference_mode(), autocast(device, store.dtype):

@@ -201,7 +201,7 @@ class TokenStream:
         carry_tokens: list[np.ndarray] = []
         carry_labels: list[np.ndarray] = []
         carried = 0
-        for blocks, perm in zip(windows, perms):
+        for blocks, perm in zip(windows, perms, strict=True):
             tokens, labels = self._read_window(blocks)
             pos = 0
             while pos < perm.size:

@@ -24,7 +24,6 @@ re-embedded stores with the head and refuses the original stores with it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -44,6 +43,7 @@ from npos.finetune.tail import (TAIL_CONFIG, TAIL_FILE, TailError, VisionTail, l
                                 read_tail_config, save_tail)
 from npos.finetune.tokens import TokenSpec, TokenStream, check_same_tokens, token_spec
 from npos.store import FeatureStore
+from npos.store.lock import WriterLock
 from npos.settings import settings_record
 from npos.train_head import HeadConfig, HeadObjective
 from npos.train_head.checkpoint import (FORMAT as HEAD_FORMAT, CheckpointExistsError,
@@ -133,7 +133,7 @@ def _prepare(train_store: str, out: Path, model: str, pretrained: str | None,
     data = load_labeled(store)
     check_class_counts(data, head_config, store.url)
     seed_attr = store.attrs.get("seed")
-    clip = create_encoder(weights, seed=DEFAULT_SEED if seed_attr is None else int(seed_attr))
+    clip: Any = create_encoder(weights, seed=DEFAULT_SEED if seed_attr is None else int(seed_attr))
     tail = VisionTail(clip.visual, spec.layer)
     del clip
     if (spec.shape[1], store.dim) != (tail.width, tail.output_dim):
@@ -192,6 +192,8 @@ def finetune(train_store: str, out_dir: str, *, model: str, pretrained: str | No
     device : {"auto", "cpu", "cuda"} or torch.device
     overwrite : bool
         Replace existing outputs of this run (``tail.*``, ``head/``, the NAME.zarr stores).
+        While the run writes, ``.<OUT>.lock`` beside ``out_dir`` names this process; a
+        second run into the same folder is refused.
     resume : bool
         Continue an interrupted run: training from its last finished epoch (same settings
         required), then the chunks of the re-embedded stores not yet written.
@@ -212,12 +214,23 @@ def finetune(train_store: str, out_dir: str, *, model: str, pretrained: str | No
     device = resolve_device(device)
     say = log or (lambda line: None)
     out = Path(out_dir)
-    inputs = _prepare(train_store, out, model, pretrained, head_config, embed,
-                      overwrite=overwrite, resume=resume)
+    with WriterLock(out, what="fine-tuning output folder"):  # one writer of OUT/ at a time
+        inputs = _prepare(train_store, out, model, pretrained, head_config, embed,
+                          overwrite=overwrite, resume=resume)
+        settings = settings_record(train_store=inputs.store.url, out_dir=str(out),
+                                   model=model, pretrained=pretrained, embed=dict(embed),
+                                   device=str(device), head_config=head_config,
+                                   finetune=config)
+        return _finetune_locked(inputs, out, settings, head_config, config, device,
+                                resume=resume, progress=progress, say=say)
+
+
+def _finetune_locked(inputs: _Inputs, out: Path, settings: dict[str, Any],
+                     head_config: HeadConfig, config: FinetuneConfig, device: torch.device,
+                     *, resume: bool, progress: bool | None,
+                     say: Callable[[str], None]) -> FinetuneResult:
+    """Train (or take the finished training) and re-embed, holding the lock of ``out``."""
     record = _run_record(inputs, head_config, config)
-    settings = settings_record(train_store=inputs.store.url, out_dir=str(out), model=model,
-                               pretrained=pretrained, embed=dict(embed), device=str(device),
-                               head_config=head_config, finetune=config)
 
     # ---- training (or its saved result, when resuming after it finished)
     tail_config = _finished(out, inputs.tail, record) if resume else None

@@ -40,15 +40,12 @@ from npos import __version__
 from npos.errors import (IncompatibleStoreError, ParameterError, StoreError, StoreExistsError,
                          StoreNotFoundError)
 from npos.store.chunks import MARKER, WRITE_CONFIG, ChunkFiles
+from npos.store.identity import IDENTITY_KEYS, check_fingerprints
 from npos.store.lock import WriterLock
 
 SCHEMA = "npos.features/1"
-KINDS = ("features", "outliers", "scores")
+KINDS = ("features", "outliers", "scores", "text-bank")
 EMBEDDING_DTYPES = ("float16", "float32")
-#: Attributes that identify the encoder and preprocessing behind a store. Two stores (or a
-#: store and a checkpoint) are comparable only when these agree. ``seed`` is the seed of a
-#: random-init encoder (None for trained weights).
-IDENTITY_KEYS = ("model", "pretrained", "seed", "preprocess", "dim")
 #: Row-aligned arrays every store has.
 CORE_ARRAYS = ("embeddings", "labels", "ids", "done")
 DEFAULT_CHUNK_ROWS = 4096
@@ -376,14 +373,11 @@ class FeatureStore(ChunkFiles):
     def check_compatible(self, fingerprint: Mapping[str, Any], *, what: str) -> None:
         """Raise :class:`IncompatibleStoreError` unless ``fingerprint`` matches this store's.
 
-        ``what`` names the other side in the message, e.g. ``"head 'runs/head'"``.
+        ``what`` names the other side in the message, e.g. ``"head 'runs/head'"``. Stores of
+        unknown encoder combine only with each other, with a warning
+        (:mod:`npos.store.identity`).
         """
-        mine = self.fingerprint()
-        for key in IDENTITY_KEYS:
-            if mine.get(key) != fingerprint.get(key):
-                raise IncompatibleStoreError(
-                    f"{what} does not match store {self.url!r}: {key} is "
-                    f"{fingerprint.get(key)!r} there but {mine.get(key)!r} in the store")
+        check_fingerprints(self.fingerprint(), fingerprint, what=what, url=self.url)
 
     def has(self, name: str) -> bool:
         """True when the store holds an array called ``name``."""

@@ -18,6 +18,7 @@ import numpy as np
 
 from npos.errors import ParameterError, StoreError, StoreExistsError
 from npos.store.feature_store import DEFAULT_CHUNK_ROWS, FeatureStore, store_exists
+from npos.store.identity import UNKNOWN_MODEL
 
 
 def _natural_key(name: str) -> list:
@@ -122,7 +123,8 @@ def import_embeddings(
     ids: str | os.PathLike | None = None,
     class_names: str | os.PathLike | Sequence[str] | None = None,
     text_embeddings: str | os.PathLike | None = None,
-    model: str = "imported",
+    model: str | None = None,
+    pretrained: str | None = None,
     dtype: str = "float16",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     overwrite: bool = False,
@@ -145,14 +147,21 @@ def import_embeddings(
         imply classes.
     text_embeddings : path, optional
         ``.npy`` of shape (C, D): zero-shot class embeddings.
-    model : str
-        Recorded as the store's ``model`` attribute; stores are comparable (train vs test,
-        store vs head) only when it matches, so name the encoder that produced them.
+    model : str, optional
+        The encoder that produced the embeddings, recorded as the store's ``model``
+        attribute; stores (and heads) are combined only when model and ``pretrained`` match.
+        Without it the store is of unknown encoder (``model: "unknown"``): it combines only
+        with other stores of unknown encoder, with a warning (:mod:`npos.store.identity`).
+    pretrained : str, optional
+        The encoder's weights (tag, checkpoint name or ``none``); needs ``model``.
     dtype, chunk_rows, overwrite
         As in :meth:`FeatureStore.create`. Re-running an interrupted import of the same
         files continues from the chunks already done; re-running it on a damaged store (a
         chunk file lost, bad values) imports the damaged chunks again.
     """
+    if pretrained is not None and model is None:
+        raise ParameterError("--pretrained needs --model: name the encoder the weights belong "
+                             "to")
     source = load_embedding_source(embeddings)
     n_rows, dim = source.n_rows, source.dim
 
@@ -215,7 +224,8 @@ def import_embeddings(
     # refused by create().
     store = FeatureStore.create(
         out, n_rows=n_rows, dim=dim, dtype=dtype, chunk_rows=chunk_rows, class_names=names,
-        attrs={"model": model, "pretrained": None, "preprocess": None, "token_layer": None,
+        attrs={"model": model if model is not None else UNKNOWN_MODEL, "pretrained": pretrained,
+               "preprocess": None, "token_layer": None,
                "source": {"path": str(Path(embeddings).resolve()), "files": len(source.files),
                           "fingerprint": source.fingerprint()}},
         overwrite=overwrite, resume=True)

@@ -254,7 +254,8 @@ def synthesize(banks: torch.Tensor, config: SynthesisConfig, *,
         parts, stats = runner(banks, classes.to(banks.device), config, generator, budget,
                               return_stats, Scorers(backend, config.k, knn_cache))
     if parts:
-        outliers, labels, distance, source = (torch.cat(column) for column in zip(*parts))
+        outliers, labels, distance, source = (torch.cat(column)
+                                              for column in zip(*parts, strict=True))
     else:
         outliers = banks.new_empty((0, dim))
         labels = torch.empty(0, dtype=torch.int64, device=banks.device)
@@ -284,7 +285,8 @@ def _run_chunks(classes: torch.Tensor, chunk: int, body, return_stats: bool, mak
         parts.append(part)
         if return_stats:
             stat_parts.append(stat)
-    stats = make_stats(*(torch.cat(x) for x in zip(*stat_parts))) if return_stats else None
+    stats = (make_stats(*(torch.cat(x) for x in zip(*stat_parts, strict=True)))
+             if return_stats else None)
     return parts, stats
 
 

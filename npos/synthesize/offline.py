@@ -129,6 +129,7 @@ class OfflineSynthesis:
         share of candidates farther from their bank than the point they were drawn around
         (``npos``, ``gaussian``). The first row, class ``None``, pools all classes."""
         stats = self.result.stats
+        assert stats is not None  # synthesize_store asks the engine for them
         n_ready = stats.classes.numel()
         q = torch.tensor(QUANTILES)
         kept = self.result.knn_distance.view(n_ready, -1)
@@ -272,6 +273,7 @@ def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queu
                         memory_budget=memory_budget, return_stats=True)
     # positions in the stacked banks -> class ids; everything back on the CPU
     stats = result.stats
+    assert stats is not None and result.source_index is not None  # return_stats=True
     result = SynthesisResult(
         result.outliers.cpu(), banks.classes[result.labels.cpu()], result.knn_distance.cpu(),
         result.source_index.cpu(),
@@ -300,6 +302,7 @@ def write_outliers(offline: OfflineSynthesis, out: str, *, source: FeatureStore,
     ``settings`` (:func:`npos.settings.settings_record`: the npos version, every parameter, the
     device used, the input store)."""
     res = offline.result
+    assert res.source_index is not None  # offline results always carry their sources
     m, dim = res.outliers.shape
     bank_pos = torch.searchsorted(offline.banks.classes, res.labels)
     src_rows = torch.where(
@@ -307,7 +310,7 @@ def write_outliers(offline: OfflineSynthesis, out: str, *, source: FeatureStore,
         offline.banks.rows[bank_pos, res.source_index.clamp_min(0)], -1).numpy()
     ids = np.array([
         f"{offline.source_ids[r]}#{i}" if r >= 0 else f"vos/{offline.class_names[c]}#{i}"
-        for i, (r, c) in enumerate(zip(src_rows.tolist(), res.labels.tolist()))])
+        for i, (r, c) in enumerate(zip(src_rows.tolist(), res.labels.tolist(), strict=True))])
     return create_outliers_store(
         out, source, embeddings=res.outliers.float().numpy(), labels=res.labels.numpy(),
         distance=res.knn_distance.numpy(), ids=ids, class_names=offline.class_names,

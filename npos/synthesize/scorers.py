@@ -54,16 +54,16 @@ class IndexScorer:
         self.unit = unit
         self.indexes = [KnnIndex(self.backend, cache=self.cache,
                                  cache_key=("synthesize", int(c))).fit(bank)
-                        for c, bank in zip(classes.tolist(), unit)]
+                        for c, bank in zip(classes.tolist(), unit, strict=True)]
         return self
 
     def bank(self) -> torch.Tensor:
         return torch.stack([index.kth_distance(bank, self.k, exclude_self=True)
-                            for index, bank in zip(self.indexes, self.unit)])
+                            for index, bank in zip(self.indexes, self.unit, strict=True)])
 
     def queries(self, vectors: torch.Tensor) -> torch.Tensor:
         return torch.stack([index.kth_distance(v, self.k)
-                            for index, v in zip(self.indexes, vectors)])
+                            for index, v in zip(self.indexes, vectors, strict=True)])
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,8 @@ def build_head(data: LabeledFeatures, config: HeadConfig) -> tuple[HeadModel, to
                           train_classifier=data.text is None or config.train_text,
                           head_hidden=config.head_hidden, rbf_centres=config.rbf_centres)
     if config.head == "rbf":
-        model.head.init_from_data(z, data.y, generator=torch.Generator().manual_seed(config.seed))
+        rbf: Any = model.head  # an RbfHead (typed nn.Module on HeadModel)
+        rbf.init_from_data(z, data.y, generator=torch.Generator().manual_seed(config.seed))
     return model, means
 
 

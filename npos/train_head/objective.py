@@ -81,12 +81,12 @@ class HeadObjective:
         self.config = config
         self.device = torch.device(device)
         self.profile = profile
-        self.cider = None
+        self.cider: CiderLoss | None = None
         if config.id_loss == "cider":
             if cider_prototypes is None:
                 raise ParameterError("id_loss='cider' needs initial prototypes")
             self.cider = CiderLoss(cider_prototypes, temperature=config.temperature).to(device)
-        self.queues = None
+        self.queues: ClassQueues | None = None
         self.offline = offline_outliers
         if config.ood_weight > 0 and offline_outliers is None:
             self.queues = ClassQueues(model.num_classes, config.queue, model.dim, device=device)
@@ -120,7 +120,8 @@ class HeadObjective:
         if kind == "logitnorm":
             cosines = logits.float() * self.model.classifier.temperature
             return logitnorm_loss(cosines, y, self.config.temperature)
-        loss = self.cider(h, y) if kind == "cider" else h.new_zeros((), dtype=torch.float32)
+        loss = (self.cider(h, y) if self.cider is not None
+                else h.new_zeros((), dtype=torch.float32))  # self.cider is set iff kind == cider
         if self.model.classifier.trainable:
             # cider/none do not train the class embeddings: fit them on the (detached)
             # embeddings so the cosine logits, and MCM, stay meaningful.
@@ -130,6 +131,7 @@ class HeadObjective:
     def _maybe_synthesize(self, epoch: int) -> bool:
         if epoch < self.config.start_epoch or self.steps % self.config.synth_every:
             return False
+        assert self.queues is not None  # online synthesis (ood_weight > 0) has queues
         # Queues never empty again once full: stop asking (each ask syncs a GPU).
         self._queues_full = self._queues_full or self.queues.all_ready()
         if not self._queues_full:

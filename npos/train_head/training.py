@@ -24,6 +24,7 @@ import torch
 from npos.device import resolve_device
 from npos.errors import IncompatibleStoreError
 from npos.settings import settings_record
+from npos.store.lock import WriterLock
 from npos.train_head.checkpoint import FORMAT, CheckpointExistsError, write_checkpoint_dir
 from npos.train_head.config import HeadConfig
 from npos.train_head.data import (FeatureBatches, LabeledFeatures, accuracy, build_head,
@@ -73,7 +74,8 @@ def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = N
         Output directory: ``model.safetensors`` + ``config.json`` (every hyperparameter, the
         encoder identity, the history, ``settings`` and ``npos_version``), written
         atomically when training ends. The resumable state of the last finished epoch is
-        kept in ``<out_dir>.partial/`` meanwhile.
+        kept in ``<out_dir>.partial/`` meanwhile. While training, ``.<name>.lock`` beside
+        it names this process; a second writer of the same head is refused.
     config : HeadConfig, optional
     val : str, optional
         A labeled store of the same encoder and classes: accuracy reported per epoch.
@@ -102,16 +104,26 @@ def train_head(train_store_url: str, out_dir: str, config: HeadConfig | None = N
     -------
     TrainResult
     """
-    # Over ~60 lines by its docstring only: the body is the wiring of data, objective and
-    # trainer (~35 lines); the loop, resume and checkpoints live in the Trainer.
-    from npos.store import FeatureStore
-
     config = config or HeadConfig()
     config.validate()
     device = resolve_device(device)
     out_path = Path(out_dir)
     partial = _partial_dir(out_path)
-    _check_outputs(out_path, partial, resume=resume, overwrite=overwrite)
+    with WriterLock(out_path, what="head"):  # one writer of the head and its .partial state
+        _check_outputs(out_path, partial, resume=resume, overwrite=overwrite)
+        return _train_locked(train_store_url, out_path, partial, config, val=val,
+                             device=device, resume=resume, progress=progress,
+                             profile=profile, log=log, outliers=outliers,
+                             outliers_per_step=outliers_per_step)
+
+
+def _train_locked(train_store_url: str, out_path: Path, partial: Path, config: HeadConfig, *,
+                  val: str | None, device: torch.device, resume: bool, progress: bool,
+                  profile: bool, log: Callable[[str], None] | None, outliers: str | None,
+                  outliers_per_step: int | None) -> TrainResult:
+    """The body of :func:`train_head`, run while holding the head folder's lock."""
+    from npos.store import FeatureStore
+
     store = FeatureStore.open(train_store_url, kinds=("features",), what="train-head")
     one_class = (outliers is not None and config.id_loss == "none"
                  and not (store.read("labels") >= 0).any())

@@ -2,7 +2,7 @@
 
 >>> from npos.evaluate.detectors import get_detector, detector_names
 >>> detector_names()
-['mcm', 'msp', 'maxlogit', 'energy', 'knn', 'mahalanobis', 'head']
+['mcm', 'msp', 'maxlogit', 'energy', 'knn', 'mahalanobis', 'head', 'neglabel', 'csp']
 
 Adding a detector is one :class:`Detector` subclass and one :func:`register_detector`
 line (see ``docs/extending.md``); ``npos evaluate``, ``npos score`` and the demo find it by
@@ -19,10 +19,12 @@ from npos.evaluate.detectors.logits import EnergyScore, MaxLogitScore, MCMScore,
 from npos.evaluate.detectors.knn import KNNScore
 from npos.evaluate.detectors.mahalanobis import MahalanobisScore
 from npos.evaluate.detectors.head import HeadScore
+from npos.evaluate.detectors.neglabel import CSPScore, NegLabelScore
 
 __all__ = [
-    "CLASSIFIER_INPUTS", "ENTRY_POINT_GROUP", "INPUTS", "Detector", "EnergyScore",
+    "CLASSIFIER_INPUTS", "CSPScore", "ENTRY_POINT_GROUP", "INPUTS", "Detector", "EnergyScore",
     "HeadScore", "KNNScore", "MCMScore", "MSPScore", "MahalanobisScore", "MaxLogitScore",
+    "NegLabelScore",
     "as_tensor", "default_scores", "detector_names", "energy_score", "get_detector",
     "load_plugins", "maxlogit_score", "mcm_score", "msp_score", "names_where", "parse_scores",
     "register_detector", "to_numpy", "unregister_detector",

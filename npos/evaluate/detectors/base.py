@@ -13,6 +13,8 @@ features      ``h`` (N, D): the embeddings, projected through the head when ther
 cosine        ``s`` (N, C): cosine similarities to the class embeddings (float64)
 logits        ``l`` (N, C): classifier logits, ``l = s * logit_scale`` (float64)
 ood_logit     (N,): the trained head's OOD logit
+embeddings    ``z`` (N, D): the raw store embeddings (the encoder space, with or without
+              a head; for detectors that compare them with text-bank embeddings)
 ============  =====================================================================
 
 ``cosine``/``logits`` need a classifier (class text embeddings or a head) and ``ood_logit``
@@ -39,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from npos.evaluate.config import ScoringConfig
 
 #: What a detector can read (see the module docstring).
-INPUTS = ("features", "cosine", "logits", "ood_logit")
+INPUTS = ("features", "cosine", "logits", "ood_logit", "embeddings")
 #: Inputs that exist only with a classifier (class text embeddings or a head).
 CLASSIFIER_INPUTS = ("cosine", "logits")
 #: Allowed detector names: they become metric keys, table rows and plot file names.
@@ -73,6 +75,9 @@ class Detector:
         :meth:`fit` needs their labels too.
     default : bool
         Computed when no ``--scores`` are named and the inputs it needs exist.
+    needs_text_bank : bool
+        Reads a text bank (``--text-bank``): the scorer calls :meth:`attach` with it and the
+        ID class text embeddings before scoring.
     needs_classifier, needs_head : bool
         Derived from ``input``; do not set them.
     """
@@ -82,6 +87,7 @@ class Detector:
     needs_train: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
     default: ClassVar[bool] = False
+    needs_text_bank: ClassVar[bool] = False
     needs_classifier: ClassVar[bool] = False
     needs_head: ClassVar[bool] = False
 
@@ -100,6 +106,10 @@ class Detector:
     def fit(self, features: np.ndarray, labels: np.ndarray | None = None) -> Detector:
         """Learn from the train rows' input (N, ...) and labels (N,); nothing by default."""
         return self
+
+    def attach(self, *, class_text: np.ndarray, bank: Any, device: str = "cpu") -> None:
+        """Receive the ID class text embeddings (K, D) and the text bank
+        (:class:`npos.textbank.TextBank`); called only when ``needs_text_bank``."""
 
     def score(self, x: Any) -> np.ndarray:
         """Scores of shape (N,) of the input ``x``; higher = more in-distribution."""
@@ -196,7 +206,12 @@ def parse_scores(spec: str | Iterable[str]) -> list[str]:
     load_plugins()
     if not names:
         raise ParameterError(f"no score named; choose from {', '.join(_REGISTRY)}")
-    unknown = [s for s in names if s not in _REGISTRY]
+    from npos.evaluate.fusion import SEPARATOR, check_fusion
+
+    for name in names:
+        if SEPARATOR in name and name not in _REGISTRY:
+            check_fusion(name, _REGISTRY)  # fusions: see npos.evaluate.fusion
+    unknown = [s for s in names if s not in _REGISTRY and SEPARATOR not in s]
     if unknown:
         raise ParameterError(f"unknown score(s) {', '.join(map(repr, unknown))}; choose from "
                              f"{', '.join(_REGISTRY)}")
@@ -219,8 +234,11 @@ def default_scores(*, has_classifier: bool, has_train: bool, has_head: bool) -> 
 
 
 def names_where(names: Iterable[str], predicate: Callable[[type[Detector]], bool]) -> list[str]:
-    """The names among ``names`` whose detector class satisfies ``predicate``."""
-    return [n for n in names if predicate(get_detector(n))]
+    """The names among ``names`` (fusions counted by their components) whose detector class
+    satisfies ``predicate``."""
+    from npos.evaluate.fusion import expand
+
+    return [n for n in expand(names)[0] if predicate(get_detector(n))]
 
 
 # ---------------------------------------------------------------------- array helpers
