@@ -16,7 +16,7 @@ from npos.errors import OutputExistsError, ParameterError
 from npos.log import get_logger
 
 #: train-head options the sweep does not take (it sets them per task, or has its own).
-_OWN = ("out", "outliers", "val", "resume", "overwrite", "config")
+_OWN = ("out", "outliers", "val", "tpr", "resume", "overwrite", "config")
 
 
 class GridType(click.ParamType):
@@ -124,7 +124,7 @@ def _split(features, val_id, val_ood, holdout, seed, out, resume, overwrite):
     if holdout is None and not (val_id and val_ood):
         raise ParameterError("give --val-id STORE and --val-ood NAME=STORE, or "
                              "--holdout-classes N")
-    ood = parse_ood_specs(val_ood) if holdout is None else None
+    ood = parse_ood_specs(val_ood) if holdout is None else {}
     if holdout is not None:
         check_holdout(FeatureStore.open(features), holdout)
     path = Path(out)

@@ -17,7 +17,8 @@ import click
 from npos.errors import ParameterError
 
 #: train-head options the sweep sets itself (or that make no sense to sweep).
-NOT_SWEPT = ("out", "outliers", "val", "seed", "device", "resume", "overwrite", "config")
+NOT_SWEPT = ("out", "outliers", "val", "tpr", "seed", "device", "resume", "overwrite",
+             "config")
 #: The synthesis options: what every point with ``ood-weight`` 0 ignores.
 SYNTHESIS_KEYS = ("method", "k", "select", "pick", "candidates", "sigma", "noise-space", "keep",
                   "queue", "backend", "start-epoch", "synth-every", "outliers-per-step")
@@ -127,9 +128,9 @@ def build_grid(spec: str | Mapping[str, Any], command: click.Command, fixed: Map
         converted = [_convert(key, options[key], raw) for raw in raws]
         values[key] = list(dict.fromkeys(converted))  # duplicates once, order kept
     names = {key: options[key].name for key in values}
-    combos = [dict(zip((names[k] for k in values), combo))
+    combos = [dict(zip((names[k] for k in values), combo, strict=True))
               for combo in itertools.product(*values.values())]
-    points = [{**{k: v for k, v in fixed.items()}, **combo} for combo in combos]
+    points = [{**fixed, **combo} for combo in combos]
     if not any(p["ood_weight"] == 0 for p in points):
         # the ablation: the first point's settings without synthesis
         points.append({**points[0], "ood_weight": 0.0})

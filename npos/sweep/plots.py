@@ -151,7 +151,7 @@ def draw_boundary(panels: Mapping[str, Mapping[str, Any]], path: str | Path,
                                                                       "#c00000", 18)}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5), squeeze=False)
     counts: dict[str, dict[str, int]] = {}
-    for ax, (title, data) in zip(axes[0], panels.items()):
+    for ax, (title, data) in zip(axes[0], panels.items(), strict=True):
         counts[title] = {}
         for kind in KINDS:
             xy = data[kind]

@@ -107,7 +107,7 @@ def _offline_outliers(split: Split, config, seed: int, work: Path, device: str,
     so a cached store is always complete; a concurrent run that lost the race keeps its
     own identical copy)."""
     from npos.store import FeatureStore
-    from npos.synthesize.offline import synthesize_store, write_outliers
+    from npos.synthesize.offline import OfflineSynthesis, synthesize_store, write_outliers
 
     key = point_id({**config.synthesis.to_dict(), "queue": config.queue, "seed": seed,
                     "train": split.train})
@@ -117,6 +117,7 @@ def _offline_outliers(split: Split, config, seed: int, work: Path, device: str,
     source = FeatureStore.open(split.train)
     made = synthesize_store(source, config.synthesis, queue=config.queue, seed=seed,
                             device=device)
+    assert isinstance(made, OfflineSynthesis)  # bank "sample", scope "class": the default
     url = work / "outliers.zarr"
     write_outliers(made, str(url), source=source).close()
     if cached is None:

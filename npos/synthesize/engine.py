@@ -314,7 +314,7 @@ def _npos(banks, classes, cfg, generator, budget, return_stats, scorers, with_ca
         cand_d = scorer.queries(v.view(c, p * m, dim)).view(c, p, m)
         kept_d, kept = cand_d.topk(cfg.keep, dim=-1)  # per picked point
         v_kept = v.gather(2, kept.unsqueeze(-1).expand(c, p, cfg.keep, dim))
-        stat = (bank_d, boundary, source, cand_d)
+        stat: tuple = (bank_d, boundary, source, cand_d)
         if with_candidates:  # as outliers would be (sphere: rescaled); _finish copies
             stat = (*stat, _finish(v, scale))
         return _outputs(cls, v_kept, scale, kept_d, source, cfg.keep), stat

@@ -14,7 +14,7 @@ from npos.sweep.grid import build_grid, parse_spec
 def _fixed(**over):
     ctx = train_head.command.make_context("train-head", ["x", "--out", "y"])
     values = {k: v for k, v in ctx.params.items()
-              if k not in ("features", "out", "outliers", "val", "seed", "device", "resume",
+              if k not in ("features", "out", "outliers", "val", "tpr", "seed", "device", "resume",
                            "overwrite")}
     return {**values, **over}
 
