@@ -172,10 +172,11 @@ def ignored_keys(point: Mapping[str, Any]) -> set[str]:
     else:
         out.add("outliers-per-step")  # online synthesis draws no stored outliers
     method = point.get("method")
+    # k only sets the reported K-th-NN distances of gaussian/vos outliers, not which are kept
     if method == "gaussian":
-        out.update(("select", "candidates"))
+        out.update(("select", "candidates", "k"))
     elif method == "vos":
-        out.add("select")
+        out.update(("select", "k"))
     out.add("rbf-centres" if point["head"] == "mlp" else "head-hidden")
     return out
 
@@ -193,7 +194,7 @@ def _why(key: str) -> str:
         return "offline outliers with --id-loss none, or ood-weight 0"
     if key == "outliers-per-step":
         return "only offline outliers (--id-loss none) draw them"
-    if key in ("select", "candidates"):
+    if key in ("select", "candidates", "k"):
         return "not used by --method gaussian/vos, nor with ood-weight 0"
     if key in ("rbf-centres", "head-hidden"):
         return "set for the other --head"

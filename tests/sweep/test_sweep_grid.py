@@ -25,8 +25,10 @@ def test_spec_and_toml_table_give_the_same_points():
     table = build_grid({"sigma": [0.01, 0.03], "k": [50, 200], "method": ["npos", "gaussian"],
                         "ood_weight": [0, 0.1]}, train_head.command, _fixed())
     assert text.points == table.points
-    # 2 x 2 x 2 synthesis points + one ablation (the ood-weight 0 combinations are one point)
-    assert len(text.points) == 9
+    # npos: 2 sigmas x 2 k; gaussian: 2 sigmas (k does not change its outliers); one ablation
+    assert len(text.points) == 4 + 2 + 1
+    assert {(p["method"], p["k"]) for p in text.points if p["ood_weight"] > 0} == {
+        ("npos", 50), ("npos", 200), ("gaussian", 50)}
     assert [p for p in text.points if p["ood_weight"] == 0] == [
         {**_fixed(), "sigma": 0.01, "k": 50, "method": "npos", "ood_weight": 0.0}]
     assert text.swept == ["sigma", "k", "method", "ood-weight"]
