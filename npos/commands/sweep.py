@@ -85,7 +85,7 @@ def command(features: str, grid_spec, out: str, val_id: str | None, val_ood: tup
     grid = grid_mod.build_grid(grid_spec, train_head.command, options, max_points=max_points)
     for point in grid.points:  # every point valid before any work (k < queue, ...)
         run.head_config(point, base_seed).validate()
-    _check_sort(sort_by, scores, baselines)
+    _check_scores(scores, baselines, sort_by)
     split = _split(features, val_id, val_ood, holdout_classes, base_seed, out, resume,
                    overwrite)
     plan = run.SweepPlan(split, grid.points, run.seeds_of(base_seed, seeds), Path(out),
@@ -102,7 +102,15 @@ def command(features: str, grid_spec, out: str, val_id: str | None, val_ood: tup
     click.echo(verdict(rows, sort_by))
 
 
-def _check_sort(sort_by: str, scores: str, baselines: str) -> None:
+def _check_scores(scores: str, baselines: str, sort_by: str) -> None:
+    """Detector names (the registry's) and --sort-by, before any training."""
+    from npos.evaluate.detectors import parse_scores
+
+    parse_scores(scores)
+    if baselines.strip():
+        if "head" in parse_scores(baselines):
+            raise ParameterError("--baselines score the frozen embeddings: 'head' needs a "
+                                 "trained head (it is in --scores)")
     if sort_by == "id_accuracy":
         return
     parts = sort_by.split("/")

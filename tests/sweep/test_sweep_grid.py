@@ -73,6 +73,10 @@ def test_bad_grids_name_the_problem(spec, fixed, message):
      "nearest other point). Got 60 instead."),
     (["--grid", "sigma=0.01,0.02", "--holdout-classes", "1"],
      "--holdout-classes replaces --val-id/--val-ood; give one or the other"),
+    (["--grid", "sigma=0.01,0.02", "--scores", "head,foo"], "unknown score(s) 'foo'; choose "
+     "from mcm"),
+    (["--grid", "sigma=0.01,0.02", "--baselines", "knn,head"], "--baselines score the frozen "
+     "embeddings: 'head' needs a trained head (it is in --scores)"),
     (["--grid", "sigma=0.01,0.02", "--sort-by", "head/average/auc"],
      "--sort-by 'head/average/auc': expected SCORE/SET/auroc|fpr95 with SCORE one of head, "
      "knn, mcm (or id_accuracy)"),
