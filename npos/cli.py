@@ -69,8 +69,11 @@ def cli(ctx: click.Context, debug: bool, verbose: int, quiet: bool) -> None:
                 finetune     last encoder blocks from cached tokens
                 evaluate     OOD metrics, report with plots
                 score        per-row scores for any store
+                sweep        a grid of synthesis/head settings, trained and evaluated
+                calibrate    per-score thresholds at an ID true-positive rate
     Tools:      store        info / verify / import feature stores
                 index        build / info: one faiss IVF index per store (kNN at scale)
+                text-bank    word-list text embeddings for neglabel / csp
                 demo         the whole pipeline on a small built-in dataset
 
     Every command takes --config FILE.toml: option values from a file (top-level keys for
@@ -95,10 +98,10 @@ def _register() -> None:
     # Each command lives in its own module under npos.commands; heavy imports (torch,
     # open_clip, faiss) happen inside the commands so `npos --help` stays fast.
     from npos.commands import (calibrate, demo, evaluate, extract, finetune, index, score,
-                               store, synthesize, text_bank, train_head)
+                               store, sweep, synthesize, text_bank, train_head)
 
-    for module in (extract, synthesize, train_head, finetune, evaluate, score, demo, store,
-                   text_bank, calibrate, index):
+    for module in (extract, synthesize, train_head, finetune, evaluate, score, sweep, demo,
+                   store, text_bank, calibrate, index):
         cli.add_command(module.command)
         add_config_option(module.command)
         _remember_contexts(module.command)

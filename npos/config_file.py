@@ -175,6 +175,8 @@ _ARTICLE = {"int": "an int", "float": "a float", "boolean": "a boolean", "string
 def _kind_ok(param: click.Option, value: Any) -> tuple[bool, str]:
     """Whether a TOML value has the option's kind, and the kind's name for messages."""
     kind = param.type
+    if getattr(kind, "accepts_table", False) and isinstance(value, dict):
+        return True, "table"  # e.g. sweep's --grid: a [sweep.grid] table
     if (param.is_flag and param.is_bool_flag) or isinstance(kind, click.types.BoolParamType):
         return isinstance(value, bool), "boolean"
     if isinstance(kind, click.types.IntParamType):
@@ -198,7 +200,7 @@ def check_value(ctx: click.Context, param: click.Option, key: str, value: Any, w
         ok, kind = _kind_ok(param, item)
         if not ok:
             raise fail(f"an array of {kind}s" if param.multiple else _ARTICLE[kind])
-        if kind == "boolean":
+        if kind in ("boolean", "table"):
             continue
         try:
             param.type.convert(item, param, ctx)

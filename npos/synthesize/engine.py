@@ -42,6 +42,7 @@ Draws happen on ``generator.device`` in float32 and are then moved to the banks'
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,10 @@ class SynthesisStats:
     candidate_distance : Tensor of shape (R, pick, n)
         K-th-NN distance of every candidate (n = ``candidates``; ``keep`` for ``gaussian``,
         whose draws are all kept).
+    candidates : Tensor of shape (R, pick, n, D) or None
+        Every candidate vector, as an outlier would be (``npos`` with
+        ``return_candidates=True`` only: for pictures of what the rejection keeps; memory
+        grows with ``pick * candidates * D`` per class).
     """
 
     classes: torch.Tensor
@@ -83,6 +88,7 @@ class SynthesisStats:
     boundary: torch.Tensor | None
     sources: torch.Tensor | None
     candidate_distance: torch.Tensor
+    candidates: torch.Tensor | None = None
 
 
 @dataclass
@@ -199,7 +205,8 @@ def synthesize(banks: torch.Tensor, config: SynthesisConfig, *,
                ready: torch.Tensor | None = None, generator: torch.Generator,
                memory_budget: int = DEFAULT_MEMORY_BUDGET,
                return_stats: bool = False,
-               knn_cache: KnnCache | None = None) -> SynthesisResult:
+               knn_cache: KnnCache | None = None,
+               return_candidates: bool = False) -> SynthesisResult:
     """Synthesize virtual outliers for every ready class.
 
     Parameters
@@ -220,6 +227,9 @@ def synthesize(banks: torch.Tensor, config: SynthesisConfig, *,
         Kept by the caller across calls: per-class kNN state (``faiss-ivf``: trained lists
         and tuned nprobe) is then built once, not on every call. Without it every call
         fits its indexes from scratch.
+    return_candidates : bool
+        ``npos`` only, implies ``return_stats``: also return every candidate vector
+        (:attr:`SynthesisStats.candidates`), e.g. to draw the rejected ones.
 
     Returns
     -------
@@ -230,6 +240,11 @@ def synthesize(banks: torch.Tensor, config: SynthesisConfig, *,
     _, q, dim = banks.shape
     config.validate(bank_size=q)
     runner = {"npos": _npos, "gaussian": _gaussian, "vos": _vos}[config.method]
+    if return_candidates:
+        if config.method != "npos":
+            raise ParameterError("return_candidates needs method 'npos' (gaussian keeps every "
+                                 f"draw, vos has no per-point candidates); got {config.method!r}")
+        runner, return_stats = functools.partial(_npos, with_candidates=True), True
     budget = max(1, int(memory_budget) // 4)
     backend = resolve_knn_backend(config.backend, q, on_gpu=banks.device.type == "cuda")
     if knn_cache is not None and not isinstance(knn_cache, KnnCache):
@@ -275,7 +290,7 @@ def _run_chunks(classes: torch.Tensor, chunk: int, body, return_stats: bool, mak
     return parts, stats
 
 
-def _npos(banks, classes, cfg, generator, budget, return_stats, scorers):
+def _npos(banks, classes, cfg, generator, budget, return_stats, scorers, with_candidates=False):
     n_ready = classes.numel()
     _, q, dim = banks.shape
     p, m = cfg.pick, cfg.candidates
@@ -299,8 +314,10 @@ def _npos(banks, classes, cfg, generator, budget, return_stats, scorers):
         cand_d = scorer.queries(v.view(c, p * m, dim)).view(c, p, m)
         kept_d, kept = cand_d.topk(cfg.keep, dim=-1)  # per picked point
         v_kept = v.gather(2, kept.unsqueeze(-1).expand(c, p, cfg.keep, dim))
-        return (_outputs(cls, v_kept, scale, kept_d, source, cfg.keep),
-                (bank_d, boundary, source, cand_d))
+        stat: tuple = (bank_d, boundary, source, cand_d)
+        if with_candidates:  # as outliers would be (sphere: rescaled); _finish copies
+            stat = (*stat, _finish(v, scale))
+        return _outputs(cls, v_kept, scale, kept_d, source, cfg.keep), stat
 
     return _run_chunks(classes, chunk, body, return_stats,
                        lambda *s: SynthesisStats(classes, *s))
