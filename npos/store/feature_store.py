@@ -43,7 +43,7 @@ import zarr
 from npos import __version__
 from npos.atomic import writing
 from npos.errors import IncompatibleStoreError, ParameterError, StoreError, StoreExistsError
-from npos.store.chunks import MARKER, WRITE_CONFIG, ChunkFiles
+from npos.store.chunks import MARKER, WRITE_CONFIG
 from npos.store.identity import IDENTITY_KEYS, check_fingerprints
 from npos.store.lock import WriterLock
 from npos.store.reading import StoreReading
@@ -60,7 +60,7 @@ __all__ = ["CORE_ARRAYS", "CREATING", "DEFAULT_CHUNK_ROWS", "DIMENSION_NAMES",
            "store_exists"]
 
 
-class FeatureStore(StoreReading, StoreWriting, ChunkFiles):
+class FeatureStore(StoreReading, StoreWriting):
     """A Zarr v3 feature store. Create with :meth:`create`, open with :meth:`open`.
 
     Parameters are never passed to the constructor directly; it wraps an open group.

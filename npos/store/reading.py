@@ -4,44 +4,16 @@ inspection (failed rows, summary, verification) (a mixin of the store class)."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from npos.errors import ParameterError, StoreError
+from npos.store.chunks import ChunkFiles
 
-if TYPE_CHECKING:
-    import zarr
-
-
-class StoreReading:
+class StoreReading(ChunkFiles):
     """The reading and inspection methods of :class:`~npos.store.FeatureStore` (a mixin: it
     uses the store's ``done_mask``, ``read_rows`` and ``require_chunks``)."""
-
-    if TYPE_CHECKING:  # what the mixin uses of FeatureStore, for the type checker only
-        url: str
-        _group: zarr.Group
-
-        @property
-        def attrs(self) -> dict[str, Any]: ...
-        @property
-        def n_rows(self) -> int: ...
-        @property
-        def dim(self) -> int: ...
-        @property
-        def dtype(self) -> str: ...
-        @property
-        def kind(self) -> str: ...
-        @property
-        def chunk_rows(self) -> int: ...
-        @property
-        def class_names(self) -> list[str] | None: ...
-        def has(self, name: str) -> bool: ...
-        def array(self, name: str) -> zarr.Array: ...
-        def done_mask(self) -> np.ndarray: ...
-        def require_chunks(self, name: str, chunks: Sequence[int] | None = None) -> None: ...
-        def read_rows(self, name: str, start: int | None = None, stop: int | None = None, *,
-                      check_files: bool = True) -> np.ndarray: ...
 
     def readable_rows(self, *, complete: bool = True) -> np.ndarray:
         """Mask (N,) of rows a reader may use: rows of done chunks that are not invalid.

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import zarr
 
 from npos.atomic import writing
 from npos.errors import IncompatibleStoreError, ParameterError, StoreError
-from npos.store.chunks import WRITE_CONFIG
+from npos.store.chunks import WRITE_CONFIG, ChunkFiles
 from npos.store.schema import _dimension_names, _group_array, _is_string
 
 
@@ -26,32 +26,9 @@ def _writes(method):
     return wrapper
 
 
-class StoreWriting:
+class StoreWriting(ChunkFiles):
     """The writing methods of :class:`~npos.store.FeatureStore` (a mixin: it uses the
-    store's group, array cache and chunk geometry)."""
-
-    if TYPE_CHECKING:  # what the mixin uses of FeatureStore, for the type checker only
-        url: str
-        writable: bool
-        _group: zarr.Group
-        _arrays: dict[str, zarr.Array]
-        _keys: dict[str, set[str]]
-        _checked: set[str]
-        _row_names: list[str] | None
-
-        @property
-        def n_rows(self) -> int: ...
-        @property
-        def n_chunks(self) -> int: ...
-        @property
-        def chunk_rows(self) -> int: ...
-        @property
-        def checks_chunk_files(self) -> bool: ...
-        def has(self, name: str) -> bool: ...
-        def is_row_array(self, name: str) -> bool: ...
-        def _array(self, name: str) -> zarr.Array: ...
-        def chunk_slice(self, index: int) -> slice: ...
-        def done_mask(self) -> np.ndarray: ...
+    store's group, array cache, chunk geometry and chunk-file checks)."""
 
     def _require_writable(self) -> None:
         if not self.writable:
