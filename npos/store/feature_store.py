@@ -22,16 +22,19 @@ chunk, so flags never share a file). Every chunk gets a file, even one equal to 
 read. One writer process at a time: writing takes the store's lock (:mod:`npos.store.lock`).
 Every array carries Zarr v3 ``dimension_names`` (``row``, ``dim``, ``class``, ``token``,
 ``width``, ``chunk``), so ``xarray.open_zarr`` opens any store.
+
+This module holds the class, its creation, opening and attributes; the schema constants live
+in :mod:`npos.store.schema` (re-exported here), reading in :mod:`npos.store.reading`, writing
+in :mod:`npos.store.writing` and chunk-file checks in :mod:`npos.store.chunks` (mixins).
 """
+
 
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import math
-import os
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -39,122 +42,25 @@ import zarr
 
 from npos import __version__
 from npos.atomic import writing
-from npos.errors import (IncompatibleStoreError, ParameterError, StoreError, StoreExistsError,
-                         StoreNotFoundError)
-from npos.store.chunks import MARKER, WRITE_CONFIG, ChunkFiles
+from npos.errors import IncompatibleStoreError, ParameterError, StoreError, StoreExistsError
+from npos.store.chunks import MARKER, WRITE_CONFIG
 from npos.store.identity import IDENTITY_KEYS, check_fingerprints
 from npos.store.lock import WriterLock
+from npos.store.reading import StoreReading
+# The schema names are re-exported here, their historical home: callers import them from
+# npos.store.feature_store (or npos.store).
+from npos.store.schema import (CORE_ARRAYS, CREATING, DEFAULT_CHUNK_ROWS, DIMENSION_NAMES,
+                               EMBEDDING_DTYPES, KINDS, SCHEMA, _describe_mismatch,
+                               _group_array, _jsonable, _kind_phrase, _open_group,
+                               _refuse_foreign_path, store_exists)
+from npos.store.writing import StoreWriting, _writes
 
-SCHEMA = "npos.features/1"
-#: The only attribute of a store while :meth:`FeatureStore.create` writes it.
-CREATING = "npos_creating"
-KINDS = ("features", "outliers", "scores", "text-bank")
-EMBEDDING_DTYPES = ("float16", "float32")
-#: Row-aligned arrays every store has.
-CORE_ARRAYS = ("embeddings", "labels", "ids", "done")
-DEFAULT_CHUNK_ROWS = 4096
-#: Zarr v3 dimension names of the arrays with fixed meanings; other row-aligned arrays get
-#: ``("row", "<name>_1", ...)`` and other whole arrays ``("<name>_0", ...)``.
-DIMENSION_NAMES = {"embeddings": ("row", "dim"), "labels": ("row",), "ids": ("row",),
-                   "done": ("chunk",), "valid": ("row",), "error": ("row",),
-                   "knn_distance": ("row",), "tokens": ("row", "token", "width"),
-                   "text_embeddings": ("class", "dim")}
+__all__ = ["CORE_ARRAYS", "CREATING", "DEFAULT_CHUNK_ROWS", "DIMENSION_NAMES",
+           "EMBEDDING_DTYPES", "IDENTITY_KEYS", "KINDS", "SCHEMA", "FeatureStore",
+           "store_exists"]
 
 
-def _dimension_names(name: str, ndim: int, *, rows: bool) -> tuple[str, ...]:
-    known = DIMENSION_NAMES.get(name)
-    if known is not None and len(known) == ndim:
-        return known
-    if rows:
-        return ("row", *(f"{name}_{i}" for i in range(1, ndim)))
-    return tuple(f"{name}_{i}" for i in range(ndim))
-
-
-def _kind_phrase(kinds: Sequence[str]) -> str:
-    return " or ".join(f"{'an' if k[0] in 'aeiou' else 'a'} {k} store" for k in kinds)
-
-
-def _open_group(url: str, mode: Literal["r", "r+"]) -> zarr.Group:
-    try:
-        return zarr.open_group(str(url), mode=mode)
-    except FileNotFoundError:  # zarr's GroupNotFoundError derives from it too
-        raise StoreNotFoundError(f"no feature store at {str(url)!r}") from None
-
-
-def _group_array(group: zarr.Group, name: str, url: str) -> zarr.Array:
-    """``group[name]``, which must be an array (zarr types it as array or subgroup)."""
-    node = group[name]
-    if not isinstance(node, zarr.Array):
-        raise StoreError(f"store {url!r}: {name!r} is a group, not an array")
-    return node
-
-
-def store_exists(url: str) -> bool:
-    """True when a Zarr group (of any kind) exists at ``url``; a store whose creation
-    stopped before it was set up (:data:`CREATING`) does not count: it is created again."""
-    try:
-        group = _open_group(url, "r")
-    except StoreNotFoundError:
-        return False
-    return dict(group.attrs).get(CREATING) is not True
-
-
-def _unfinished(url: str) -> bool:
-    """A group whose creation by npos stopped before its attributes were written."""
-    try:
-        return dict(_open_group(url, "r").attrs).get(CREATING) is True
-    except StoreNotFoundError:
-        return False
-
-
-def _refuse_foreign_path(url: str) -> None:
-    """Creating a store empties its location: never do that to something that is not an
-    npos store (a file, a non-empty folder, another Zarr group), ``overwrite`` or not."""
-    if _unfinished(url):
-        return
-    if store_exists(url):
-        schema = dict(_open_group(url, "r").attrs).get("schema")
-        if schema != SCHEMA:
-            raise StoreExistsError(f"{url!r} is a Zarr group but not an npos store; it will "
-                                   "not be replaced (choose another output)")
-        return
-    if "://" in url or not os.path.exists(url):
-        return
-    if not os.path.isdir(url) or os.listdir(url):
-        raise StoreExistsError(f"{url!r} exists and is not a feature store; it will not be "
-                               "replaced (choose another output)")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _is_string(dtype: Any) -> bool:
-    return dtype is str or isinstance(dtype, np.dtypes.StringDType) or \
-        np.dtype(dtype).kind in "OUT"
-
-
-def _writes(method):
-    """An OS error while the method writes the store names the store (see
-    :func:`npos.atomic.writing`), never a chunk's temporary file."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with writing(self.url, "store"):
-            return method(self, *args, **kwargs)
-    return wrapper
-
-
-def _describe_mismatch(key: str, stored: Any, wanted: Any) -> str:
-    return f"it was made with {key}={stored!r} but this run uses {key}={wanted!r}"
-
-
-class FeatureStore(ChunkFiles):
+class FeatureStore(StoreReading, StoreWriting):
     """A Zarr v3 feature store. Create with :meth:`create`, open with :meth:`open`.
 
     Parameters are never passed to the constructor directly; it wraps an open group.
@@ -453,249 +359,6 @@ class FeatureStore(ChunkFiles):
     @property
     def is_complete(self) -> bool:
         return bool(self.done_mask().all())
-
-    # ------------------------------------------------------------------ writing
-    def _require_writable(self) -> None:
-        if not self.writable:
-            raise StoreError(f"store {self.url!r} is open read-only")
-
-    @_writes
-    def add_array(self, name: str, row_shape: Sequence[int], dtype: str, *,
-                  fill_value: Any = None, chunk_rows: int | None = None,
-                  dimension_names: Sequence[str] | None = None) -> zarr.Array:
-        """Create an optional row-aligned array of shape (N, *row_shape); reuse if present.
-
-        ``chunk_rows`` must divide the store's ``chunk_rows`` so chunk writes stay aligned
-        (useful for large rows such as tokens); by default it equals it.
-        ``dimension_names`` name the dimensions after ``row`` (default: see
-        :data:`DIMENSION_NAMES`). Rows of chunks already done get ``fill_value``.
-        """
-        self._require_writable()
-        chunk_rows = self.chunk_rows if chunk_rows is None else int(chunk_rows)
-        if chunk_rows < 1 or self.chunk_rows % chunk_rows:
-            raise ParameterError(
-                f"chunk_rows={chunk_rows} of array {name!r} must divide the store's "
-                f"chunk_rows={self.chunk_rows}")
-        shape = (self.n_rows, *map(int, row_shape))
-        if self.has(name):
-            existing = _group_array(self._group, name, self.url)
-            same_dtype = (_is_string(existing.dtype) and _is_string(dtype)) or \
-                (not _is_string(dtype) and existing.dtype == np.dtype(dtype))
-            if tuple(existing.shape) != shape or not same_dtype:
-                raise IncompatibleStoreError(
-                    f"store {self.url!r} already has {name!r} with shape "
-                    f"{tuple(existing.shape)} and dtype {existing.dtype}; wanted {shape} {dtype}")
-            return self._array(name)
-        if fill_value is None and np.dtype(dtype).kind == "f":
-            fill_value = float("nan")
-        dims = (("row", *dimension_names) if dimension_names is not None
-                else _dimension_names(name, len(shape), rows=True))
-        arr = self._group.create_array(
-            name, shape=shape, chunks=(chunk_rows, *shape[1:]), dtype=dtype,
-            fill_value=fill_value, dimension_names=dims, config=WRITE_CONFIG)
-        self._arrays[name] = arr
-        self._row_names = None
-        if self.checks_chunk_files:  # done chunks must have a file in every array
-            for index in np.flatnonzero(self.done_mask()):
-                rows = self.chunk_slice(int(index))
-                arr[rows] = np.full((rows.stop - rows.start, *shape[1:]), arr.fill_value,
-                                    dtype=arr.dtype)
-        return arr
-
-    @_writes
-    def set_array(self, name: str, data: np.ndarray) -> None:
-        """Write a whole non-row array such as ``text_embeddings`` (C, D) in one go."""
-        self._require_writable()
-        data = np.asarray(data)
-        if self.has(name):
-            del self._group[name]
-            self._arrays.pop(name, None)
-        self._keys.pop(name, None)
-        self._checked.discard(name)
-        self._row_names = None
-        arr = self._group.create_array(
-            name, shape=data.shape, dtype=data.dtype, chunks=data.shape or "auto",
-            dimension_names=_dimension_names(name, data.ndim, rows=False), config=WRITE_CONFIG)
-        arr[...] = data
-
-    @_writes
-    def write_chunk(self, index: int, **arrays: np.ndarray) -> None:
-        """Write the rows of chunk ``index`` to the given row-aligned arrays, then mark it done.
-
-        Every array passed must have exactly the chunk's number of rows; ``embeddings`` is
-        required. Row-aligned arrays not passed get their fill values (labels -1, ids "").
-        """
-        self._require_writable()
-        rows = self.chunk_slice(index)
-        n = rows.stop - rows.start
-        if "embeddings" not in arrays:
-            raise ParameterError("write_chunk needs 'embeddings'")
-        for name, data in arrays.items():
-            data = np.asarray(data)
-            if data.shape[:1] != (n,):
-                raise ParameterError(
-                    f"chunk {index} covers {n} rows but {name!r} has shape {data.shape}")
-            self._array(name)[rows] = data
-        if self.checks_chunk_files:  # a file for every array: a lost one is then visible
-            for name in self._row_arrays():
-                if name not in arrays:
-                    arr = self._array(name)
-                    arr[rows] = np.full((n, *arr.shape[1:]), arr.fill_value, dtype=arr.dtype)
-        self._array("done")[index] = True
-
-    def _row_arrays(self) -> list[str]:
-        if self._row_names is None:  # listing the group is a round trip: once per change
-            self._row_names = [n for n in self._group.array_keys() if self.is_row_array(n)]
-        return self._row_names
-
-    @_writes
-    def mark_undone(self, chunks: Sequence[int]) -> None:
-        """Clear the ``done`` flag of ``chunks`` so the next run writes them again (repair)."""
-        self._require_writable()
-        done = self._array("done")
-        for index in chunks:
-            done[int(index)] = False
-
-    def write_all(self, *, progress: bool = False, **arrays: np.ndarray) -> None:
-        """Write whole arrays (N rows each) chunk by chunk; convenient for derived stores."""
-        from tqdm.auto import tqdm
-
-        for index in tqdm(range(self.n_chunks), desc="writing", unit="chunk",
-                          disable=not progress):
-            rows = self.chunk_slice(index)
-            self.write_chunk(index, **{k: np.asarray(v)[rows] for k, v in arrays.items()})
-
-    # ------------------------------------------------------------------ reading
-    def readable_rows(self, *, complete: bool = True) -> np.ndarray:
-        """Mask (N,) of rows a reader may use: rows of done chunks that are not invalid.
-
-        With ``complete=True`` (the default for every stage) an unfinished store is an error
-        rather than a silently smaller dataset.
-        """
-        done = self.done_mask()
-        if complete and not done.all():
-            raise StoreError(
-                f"store {self.url!r} is incomplete: {int(done.sum())}/{done.size} chunks done "
-                "(finish the run that writes it, or check it with 'npos store verify')")
-        mask = np.repeat(done, self.chunk_rows)[: self.n_rows]
-        if self.has("valid"):
-            mask &= self.read_rows("valid").astype(bool)
-        return mask
-
-    def read(self, name: str = "embeddings", *, complete: bool = True, dtype: str | None = None,
-             as_torch: bool = False):
-        """Read the readable rows of a row-aligned array (see :meth:`readable_rows`).
-
-        Returns a numpy array (or a torch tensor with ``as_torch=True``), cast to ``dtype``
-        when given.
-        """
-        mask = self.readable_rows(complete=complete)
-        data = self.read_rows(name)[mask]
-        return self._convert(data, dtype, as_torch)
-
-    def read_extra(self, name: str, *, dtype: str | None = None, as_torch: bool = False):
-        """Read a whole non-row array such as ``text_embeddings``."""
-        return self._convert(self.read_rows(name), dtype, as_torch)
-
-    @staticmethod
-    def _convert(data: np.ndarray, dtype: str | None, as_torch: bool):
-        if dtype is not None:
-            data = data.astype(dtype, copy=False)
-        if as_torch:
-            import torch
-
-            if data.dtype.kind in "OUT":
-                raise ParameterError("string arrays cannot be returned as torch tensors")
-            return torch.from_numpy(np.ascontiguousarray(data))
-        return data
-
-    def iter_batches(self, batch_rows: int, names: Sequence[str] = ("embeddings",), *,
-                     complete: bool = True, dtype: str | None = None,
-                     as_torch: bool = False) -> Iterator[dict[str, Any]]:
-        """Yield dicts of readable rows, ``batch_rows`` stored rows at a time.
-
-        Each dict maps every requested name to its rows, plus ``"row"``: the rows' positions
-        in the store. Every readable row appears in exactly one batch, in order. ``dtype``
-        applies to floating arrays only.
-        """
-        if batch_rows < 1:
-            raise ParameterError(f"batch_rows must be >= 1; got {batch_rows}")
-        mask = self.readable_rows(complete=complete)
-        for name in names:  # refuse lost chunk files before the first batch
-            self.require_chunks(name)
-        for start in range(0, self.n_rows, batch_rows):
-            stop = min(start + batch_rows, self.n_rows)
-            keep = mask[start:stop]
-            if not keep.any():
-                continue
-            batch: dict[str, Any] = {"row": np.arange(start, stop)[keep]}
-            for name in names:
-                data = self.read_rows(name, start, stop)[keep]
-                cast = dtype if data.dtype.kind == "f" else None
-                batch[name] = self._convert(data, cast, as_torch and data.dtype.kind not in "OUT")
-            if as_torch:
-                import torch
-
-                batch["row"] = torch.from_numpy(batch["row"])
-            yield batch
-
-    # ------------------------------------------------------------------ inspection
-    def failed_rows(self, *, recompute: bool = False) -> list[dict[str, str]]:
-        """Rows (of done chunks) whose input failed, as ``[{"id": ..., "reason": ...}]``: the
-        ``failed`` attribute written at the end of a run, or, with ``recompute`` or without
-        it, read from the ``valid`` and ``error`` arrays."""
-        failed = None if recompute else self.attrs.get("failed")
-        if failed is not None:
-            return [dict(row) for row in failed]
-        if not self.has("valid"):
-            return []
-        rows = np.flatnonzero(~np.asarray(self.array("valid")[:], dtype=bool)
-                              & np.repeat(self.done_mask(), self.chunk_rows)[: self.n_rows])
-        ids = np.asarray(self.array("ids")[:])[rows]
-        reasons = (np.asarray(self.array("error")[:])[rows] if self.has("error")
-                   else [""] * rows.size)
-        return [{"id": str(i), "reason": str(r)} for i, r in zip(ids, reasons, strict=True)]
-
-    def info(self) -> dict[str, Any]:
-        """A summary: rows, dim, dtype, kind, model, classes, chunks done."""
-        attrs = self.attrs
-        done = self.done_mask()
-        names = self.class_names
-        return {
-            "url": self.url,
-            "kind": self.kind,
-            "rows": self.n_rows,
-            "dim": self.dim,
-            "dtype": self.dtype,
-            "model": attrs.get("model"),
-            "pretrained": attrs.get("pretrained"),
-            "classes": len(names) if names is not None else None,
-            "chunks_done": int(done.sum()),
-            "chunks_total": int(done.size),
-            "arrays": sorted(self._group.array_keys()),
-            "failed": len(attrs.get("failed") or []),
-            "created": attrs.get("created"),
-        }
-
-    def verify(self, *, check_values: bool = True, batch_rows: int = 65536,
-               progress: bool = False) -> list[str]:
-        """Check every array; return one human-readable line per problem (empty = healthy).
-
-        See :func:`npos.store.verify.find_problems` for what is checked.
-        """
-        from npos.store.verify import find_problems
-
-        return [p.message for p in find_problems(self, check_values=check_values,
-                                                 batch_rows=batch_rows, progress=progress)]
-
-    def damaged_chunks(self, *, check_values: bool = True) -> list[int]:
-        """Done chunks with a lost file or bad values in any array: what a re-run repairs."""
-        from npos.store.verify import find_problems
-
-        chunks: set[int] = set()
-        for problem in find_problems(self, check_values=check_values):
-            chunks.update(problem.chunks)
-        return sorted(chunks)
 
     def __repr__(self) -> str:
         return (f"FeatureStore({self.url!r}, kind={self.kind!r}, rows={self.n_rows}, "

@@ -163,35 +163,57 @@ def import_embeddings(
         raise ParameterError("--pretrained needs --model: name the encoder the weights belong "
                              "to")
     source = load_embedding_source(embeddings)
-    n_rows, dim = source.n_rows, source.dim
+    label_arr = None if labels is None else _read_labels(labels, source.n_rows)
+    id_list = None if ids is None else _read_ids(ids, source.n_rows)
+    text_arr = (None if text_embeddings is None
+                else _read_text_embeddings(text_embeddings, source.dim))
+    names = _class_names(class_names, label_arr, text_arr)
+    store = _create_store(out, embeddings, source, names, model, pretrained, dtype=dtype,
+                          chunk_rows=chunk_rows, overwrite=overwrite)
+    if text_arr is not None:
+        store.set_array("text_embeddings", text_arr)
+    _write_missing(store, source, label_arr, id_list, dtype=dtype, progress=progress)
+    store.close()
+    return store
 
-    label_arr = None
-    if labels is not None:
-        label_arr = np.asarray(_load_array(Path(labels), what="labels", mmap=False))
-        if label_arr.ndim != 1 or label_arr.shape[0] != n_rows:
-            raise ParameterError(f"labels must have shape ({n_rows},) to match the embeddings; "
-                                 f"got {label_arr.shape}")
-        if label_arr.dtype.kind not in "iu":
-            raise ParameterError(f"labels must be integers; got dtype {label_arr.dtype}")
-        label_arr = label_arr.astype(np.int32)
-        if (label_arr < -1).any():
-            raise ParameterError("labels must be >= -1 (-1 = unlabeled)")
 
-    id_list = None
-    if ids is not None:
-        id_list = _read_lines(ids, what="ids")
-        if len(id_list) != n_rows:
-            raise ParameterError(f"ids file has {len(id_list)} lines but there are {n_rows} "
-                                 "embeddings")
+def _read_labels(labels: str | os.PathLike, n_rows: int) -> np.ndarray:
+    """The ``labels`` file as int32 (N,), checked against the embeddings."""
+    label_arr = np.asarray(_load_array(Path(labels), what="labels", mmap=False))
+    if label_arr.ndim != 1 or label_arr.shape[0] != n_rows:
+        raise ParameterError(f"labels must have shape ({n_rows},) to match the embeddings; "
+                             f"got {label_arr.shape}")
+    if label_arr.dtype.kind not in "iu":
+        raise ParameterError(f"labels must be integers; got dtype {label_arr.dtype}")
+    label_arr = label_arr.astype(np.int32)
+    if (label_arr < -1).any():
+        raise ParameterError("labels must be >= -1 (-1 = unlabeled)")
+    return label_arr
 
-    text_arr = None
-    if text_embeddings is not None:
-        text_arr = np.asarray(_load_array(Path(text_embeddings), what="text embeddings",
-                                          mmap=False), dtype=np.float32)
-        if text_arr.ndim != 2 or text_arr.shape[1] != dim:
-            raise ParameterError(f"text embeddings must have shape (classes, {dim}); "
-                                 f"got {text_arr.shape}")
 
+def _read_ids(ids: str | os.PathLike, n_rows: int) -> list[str]:
+    """One id per row from the ``ids`` text file."""
+    id_list = _read_lines(ids, what="ids")
+    if len(id_list) != n_rows:
+        raise ParameterError(f"ids file has {len(id_list)} lines but there are {n_rows} "
+                             "embeddings")
+    return id_list
+
+
+def _read_text_embeddings(path: str | os.PathLike, dim: int) -> np.ndarray:
+    """Zero-shot class embeddings (C, D) as float32."""
+    text_arr = np.asarray(_load_array(Path(path), what="text embeddings", mmap=False),
+                          dtype=np.float32)
+    if text_arr.ndim != 2 or text_arr.shape[1] != dim:
+        raise ParameterError(f"text embeddings must have shape (classes, {dim}); "
+                             f"got {text_arr.shape}")
+    return text_arr
+
+
+def _class_names(class_names: str | os.PathLike | Sequence[str] | None,
+                 label_arr: np.ndarray | None, text_arr: np.ndarray | None) -> list[str] | None:
+    """The class names given, or ``"0"``, ``"1"``, ... when labels or text embeddings imply
+    classes; checked against both."""
     if isinstance(class_names, (str, os.PathLike)):
         names = _read_lines(class_names, what="class names")
     elif class_names is not None:
@@ -213,7 +235,14 @@ def import_embeddings(
         if label_arr is not None and label_arr.max(initial=-1) >= len(names):
             raise ParameterError(f"labels go up to {int(label_arr.max())} but there are only "
                                  f"{len(names)} classes")
+    return names
 
+
+def _create_store(out: str, embeddings: str | os.PathLike, source: EmbeddingSource,
+                  names: list[str] | None, model: str | None, pretrained: str | None, *,
+                  dtype: str, chunk_rows: int, overwrite: bool) -> FeatureStore:
+    """Create the store, or reopen an unfinished or damaged import of the same files with its
+    damaged chunks marked undone; a complete store is refused without ``overwrite``."""
     damaged: list[int] = []
     if not overwrite and store_exists(out):
         existing = FeatureStore.open(out, kinds=("features",), what="store import")
@@ -223,16 +252,20 @@ def import_embeddings(
     # An unfinished or damaged import of the same files resumes (repairs); anything else is
     # refused by create().
     store = FeatureStore.create(
-        out, n_rows=n_rows, dim=dim, dtype=dtype, chunk_rows=chunk_rows, class_names=names,
+        out, n_rows=source.n_rows, dim=source.dim, dtype=dtype, chunk_rows=chunk_rows,
+        class_names=names,
         attrs={"model": model if model is not None else UNKNOWN_MODEL, "pretrained": pretrained,
                "preprocess": None, "token_layer": None,
                "source": {"path": str(Path(embeddings).resolve()), "files": len(source.files),
                           "fingerprint": source.fingerprint()}},
         overwrite=overwrite, resume=True)
     store.mark_undone(damaged)
-    if text_arr is not None:
-        store.set_array("text_embeddings", text_arr)
+    return store
 
+
+def _write_missing(store: FeatureStore, source: EmbeddingSource, label_arr: np.ndarray | None,
+                   id_list: list[str] | None, *, dtype: str, progress: bool) -> None:
+    """Write every chunk not yet done, refusing values that overflow ``dtype``."""
     from tqdm.auto import tqdm
 
     missing = store.missing_chunks()
@@ -249,5 +282,3 @@ def import_embeddings(
         chunk["ids"] = np.asarray(id_list[rows] if id_list is not None
                                   else [str(i) for i in range(rows.start, rows.stop)])
         store.write_chunk(index, **chunk)
-    store.close()
-    return store
