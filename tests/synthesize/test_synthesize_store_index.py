@@ -1,0 +1,84 @@
+"""``npos synthesize`` through the store's persisted index (``npos index build``): equal to
+the in-memory path with an exact (one-list flat) index, ``--scope global`` streams the rows,
+and an index of another store is refused in one line."""
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import npos.synthesize.bank_search as bank_search
+from npos.cli import cli
+from npos.errors import ParameterError
+from npos.knn import build_store_index
+from npos.synthesize import SynthesisConfig
+from npos.synthesize.offline import synthesize_store
+
+CFG = SynthesisConfig(k=8, select=20, pick=3, candidates=40, keep=2, backend="torch")
+SIZES = (70, 95, 120)
+
+
+@pytest.fixture
+def labelled(tmp_path, make_store, rng):
+    """Three classes of different sizes plus 15 unlabeled rows (label -1), float16."""
+    centres = rng.normal(size=(3, 16))
+    y = np.concatenate([np.repeat(np.arange(3), SIZES), np.full(15, -1)])
+    y = y[rng.permutation(y.size)]
+    x = (centres[np.maximum(y, 0)] + 0.5 * rng.normal(size=(y.size, 16))) * 8
+    return make_store(tmp_path / "f.zarr", x, y, class_names=["cat", "dog", "fox"],
+                      chunk_rows=32, dtype="float16")
+
+
+def _same(a, b):
+    torch.testing.assert_close(a.outliers, b.outliers, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.knn_distance, b.knn_distance, atol=1e-5, rtol=0)
+    assert a.source_rows.tolist() == b.source_rows.tolist()
+    for name, part in a.banks.items():
+        torch.testing.assert_close(part.bank_distance, b.banks[name].bank_distance, atol=1e-5,
+                                   rtol=0)
+        assert set(part.boundary.tolist()) == set(b.banks[name].boundary.tolist())
+
+
+def test_global_with_index_equals_in_memory_and_streams(labelled, monkeypatch):
+    build_store_index(labelled, nlist=1, ks=(CFG.k,))  # one list: exact, at STORE.index
+    plain = synthesize_store(labelled, CFG, scope="global", count=9, seed=2, index="none")
+    assert plain.banks["all"].backend == "torch"
+    held = []  # rows of every store read synthesis makes
+    read = bank_search.read_rows
+    monkeypatch.setattr(bank_search, "read_rows",
+                        lambda store, pos: held.append(pos.size) or read(store, pos))
+    # a budget far below the 300 rows x 16 float32 (19 KB) the in-memory path needs
+    budget = 3000
+    with pytest.raises(ParameterError, match="cannot hold the 300 rows"):
+        synthesize_store(labelled, CFG, scope="global", count=9, seed=2, index="none",
+                         memory_budget=budget)
+    indexed = synthesize_store(labelled, CFG, scope="global", count=9, seed=2,
+                               memory_budget=budget)  # the default location is found
+    assert indexed.banks["all"].backend == "store-index"
+    _same(indexed, plain)
+    assert held and max(held) * 16 * 4 <= budget  # streamed: never all 300 rows at once
+
+
+def test_bank_all_large_classes_use_the_filtered_index(labelled):
+    build_store_index(labelled, nlist=1, ks=(CFG.k,))
+    plain = synthesize_store(labelled, CFG, bank="all", seed=4, index="none")
+    # faiss-ivf sends every class to IVF: the store index, filtered to the class's rows
+    ivf = SynthesisConfig(**{**CFG.__dict__, "backend": "faiss-ivf"})
+    indexed = synthesize_store(labelled, ivf, bank="all", seed=4)
+    assert {p.backend for p in indexed.banks.values()} == {"store-index"}
+    _same(indexed, plain)
+
+
+def test_cli_index_of_another_store_is_refused_in_one_line(labelled, make_store, tmp_path):
+    other = make_store(tmp_path / "o.zarr", labelled.read()[:200], None, chunk_rows=32,
+                       dtype="float16")
+    build_store_index(other, nlist=1, ks=(CFG.k,))
+    fast = ["--k", "8", "--select", "20", "--candidates", "40", "--stats-only",
+            "--scope", "global", "--count", "3"]
+    res = CliRunner().invoke(cli, ["synthesize", labelled.url, *fast,
+                                   "--index", other.url + ".index"])
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "built for another store" in lines[0], res.output
+    ok = CliRunner().invoke(cli, ["synthesize", labelled.url, *fast, "--index", "none"])
+    assert ok.exit_code == 0, ok.output
