@@ -12,8 +12,22 @@ small interface, so the engine code is one path:
 
 Both give: ``n``, ``dim``, ``backend``, ``device``; :meth:`query_block` (bank rows per
 search call under a budget), :meth:`kth_of_rows` (``d_K`` of bank rows ``start..stop``
-against the *other* bank rows), :meth:`rows` (float32 rows at bank positions) and
-:meth:`kth_distance` (``d_K`` of new vectors against the bank).
+against the *other* bank rows), :meth:`rows` (float32 rows at bank positions),
+:meth:`prepare` (once the sources are known) and :meth:`candidate_kth` (``d_K`` of the
+candidates drawn around each source, against the bank).
+
+**Candidates against an IVF store index** are scored against their source's neighbourhood:
+the :data:`LOCAL_DEPTH` x K nearest rows of the source (found through the index once per
+distinct source; there are at most ``select``), exactly, by one batched matrix product per
+batch of sources. Why: a candidate lies at distance ~``sigma sqrt(D)`` from its source
+(0.22 at the sphere default, D = 512), its noise nearly orthogonal to every row, so its K
+nearest rows are among the source's nearest few K; and a full index search per candidate
+(``candidates`` = 1500 per source) is what made global synthesis cost hours at 1M rows.
+Measured on 20,000 clustered rows (K = 50, 40 boundary sources x 1500 candidates): with
+2K neighbours 98.8 % of the kept outliers equal full exact search's (max ``d_K`` error
+0.003); with 4K, 100 % and every ``d_K`` exact, at D = 512 and D = 64. This is an
+approximation of the same kind as IVF itself, so it applies to IVF indexes only; an exact
+(one-list) index scores candidates by full search, equal to the in-memory exact path.
 """
 
 from __future__ import annotations
@@ -23,8 +37,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from npos.knn.index import KnnIndex
+from npos.knn.kth import kth_similarity, similarity_to_distance
+
+#: Neighbours of a source (x K) its candidates are scored against, with an IVF store index.
+LOCAL_DEPTH = 4
 
 
 def read_rows(store: Any, positions: np.ndarray) -> np.ndarray:
@@ -66,8 +85,13 @@ class MemoryBank:
     def rows(self, positions: torch.Tensor) -> torch.Tensor:
         return self.raw[positions.to(self.raw.device)]
 
-    def kth_distance(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        return self.index.kth_distance(queries, k).cpu()
+    def prepare(self, sources: torch.Tensor, k: int) -> None:
+        """Nothing to prepare: candidates are searched against the whole bank."""
+
+    def candidate_kth(self, v: torch.Tensor, sources: torch.Tensor, k: int,
+                      max_elements: int) -> torch.Tensor:
+        """``d_K`` (s, m) of candidates ``v`` (s, m, D) drawn around bank rows ``sources``."""
+        return self.index.kth_distance(v.reshape(-1, self.dim), k).cpu().view(v.shape[:2])
 
 
 class IndexedBank:
@@ -89,6 +113,8 @@ class IndexedBank:
         self.store, self.index, self.positions = store, index, positions
         self.n, self.dim = int(positions.size), store.dim
         self.among = positions if among else None
+        self._units: torch.Tensor | None = None  # see prepare
+        self._slot: torch.Tensor | None = None
 
     def _options(self, k: int) -> dict[str, Any]:
         if self.among is None:
@@ -116,6 +142,38 @@ class IndexedBank:
         out[order] = read_rows(self.store, wanted[order])
         return torch.from_numpy(out)
 
-    def kth_distance(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        dist = self.index.kth_distance(queries, k, **self._options(k))
-        return torch.from_numpy(np.ascontiguousarray(dist, dtype=np.float32))
+    def prepare(self, sources: torch.Tensor, k: int) -> None:
+        """With an IVF index: the unit vectors of the :data:`LOCAL_DEPTH` x K nearest rows
+        of every distinct source (bank positions ``sources``), searched once."""
+        self._slot = self._units = None
+        if self.index.nlist == 1:  # exact index: full search stays exact
+            return
+        distinct = torch.unique(sources)
+        depth = min(self.index.n, LOCAL_DEPTH * k)
+        # a depth of LOCAL_DEPTH x K at the nprobe tuned for K loses neighbours: probe that
+        # many times more lists (at most ``select`` queries: cheap)
+        probe = min(self.index.nlist, LOCAL_DEPTH * self._options(k).get(
+            "nprobe", self.index.nprobe_for(k)))
+        _, ids = self.index.search(self.rows(distinct), depth,
+                                   **{**self._options(k), "nprobe": probe})
+        found = np.unique(ids[ids >= 0])
+        units = F.normalize(torch.from_numpy(read_rows(self.store, found)), dim=-1)
+        # a missing neighbour (-1: the probed lists ran short) is the antipode of a row
+        units = torch.cat([units, -units[:1]])
+        self._units = units[torch.from_numpy(
+            np.where(ids >= 0, np.searchsorted(found, ids), found.size))]  # (u, depth, D)
+        self._slot = torch.full((self.n,), -1, dtype=torch.int64)
+        self._slot[distinct] = torch.arange(distinct.numel())
+
+    def candidate_kth(self, v: torch.Tensor, sources: torch.Tensor, k: int,
+                      max_elements: int) -> torch.Tensor:
+        """``d_K`` (s, m) of candidates ``v`` (s, m, D) drawn around bank rows ``sources``:
+        against each source's neighbourhood (IVF index, see the module docstring), or by a
+        full search of the index."""
+        if self._units is None:
+            dist = self.index.kth_distance(v.reshape(-1, self.dim), k, **self._options(k))
+            return torch.from_numpy(np.ascontiguousarray(dist, dtype=np.float32)
+                                    ).view(v.shape[:2])
+        near = self._units[self._slot[sources]]
+        sim = kth_similarity(F.normalize(v, dim=-1), near, k, max_elements=max_elements)
+        return similarity_to_distance(sim)

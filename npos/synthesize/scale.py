@@ -143,15 +143,18 @@ def _source_order(select: int, sources: int, generator: torch.Generator) -> torc
                       for _ in range(rounds)])[:sources]
 
 
-def _score_sources(bank, centers, js, cfg, seed, key):
-    """Candidates around ``centers`` (s, D) (noise of source j from ``seeded(seed, key, j)``),
-    scored against the bank: (kept outliers (s*keep, D), their distances, candidate distances
-    (s, m))."""
+def _score_sources(bank, src, js, cfg, seed, key, max_elements):
+    """Candidates around the bank rows ``src`` (s,) (noise of source j from
+    ``seeded(seed, key, j)``), scored against the bank: (kept outliers (s*keep, D), their
+    distances, candidate distances (s, m))."""
+    centers = bank.rows(src)
     s, dim = centers.shape
-    noise = torch.stack([torch.randn((cfg.candidates, dim), generator=seeded(seed, key, j))
-                         for j in js]).to(bank.device)
+    noise = torch.empty((s, cfg.candidates, dim))
+    for i, j in enumerate(js):  # drawn in place: no stacked copy
+        torch.randn((cfg.candidates, dim), generator=seeded(seed, key, j), out=noise[i])
+    noise = noise.to(bank.device)
     v, scale = _perturb(centers[None], noise[None], cfg.resolved_sigma, cfg.noise_space)
-    cand = bank.kth_distance(v.view(-1, dim), cfg.k).view(s, cfg.candidates)
+    cand = bank.candidate_kth(v[0], src, cfg.k, max_elements)
     kept_d, kept = cand.topk(cfg.keep, dim=1)
     v_kept = v[0].gather(1, kept.to(v.device)[..., None].expand(s, cfg.keep, dim))
     out = _finish(v_kept[None], scale).reshape(s * cfg.keep, dim).cpu()
@@ -184,14 +187,17 @@ def synthesize_bank(bank: Bank, config: SynthesisConfig, *, sources: int, key: i
     bank_d = bank_kth_distance(bank, k, chunk=bank.query_block(k, memory_budget), ranks=ranks)
     boundary = bank_d.topk(config.select).indices
     src = boundary[_source_order(config.select, sources, seeded(seed, key))]
-    # per candidate: its noise/vector, the unit copy searched, and the (k + 1) results
+    bank.prepare(src, k)
+    # per candidate: its noise/vector, the unit copy searched, the (k + 1) results, and a
+    # share of the similarity block (bounded separately by max_elements)
     per_candidate = 12 * bank.dim + 12 * (k + 1)
-    per = max(1, min(sources, memory_budget // (config.candidates * per_candidate)))
+    per = max(1, min(sources, memory_budget // (2 * config.candidates * per_candidate)))
+    max_elements = max(1, memory_budget // 8)
     part = {}
     for s0 in ranks.mine(range(0, sources, per)):
         js = range(s0, min(sources, s0 + per))
-        out, kept_d, cand = _score_sources(bank, bank.rows(src[s0:js.stop]), js, config, seed,
-                                           key)
+        out, kept_d, cand = _score_sources(bank, src[s0:js.stop], js, config, seed, key,
+                                           max_elements)
         # the sources' d_K come from the every-row pass, never recomputed
         outward = int((cand > bank_d[src[s0:js.stop]][:, None]).sum())
         part[s0] = (out, kept_d, outward)
