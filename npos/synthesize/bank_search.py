@@ -175,5 +175,6 @@ class IndexedBank:
             return torch.from_numpy(np.ascontiguousarray(dist, dtype=np.float32)
                                     ).view(v.shape[:2])
         near = self._units[self._slot[sources]]
-        sim = kth_similarity(F.normalize(v, dim=-1), near, k, max_elements=max_elements)
-        return similarity_to_distance(sim)
+        # the k-th largest of v.x / |v| is the k-th largest v.x over |v|: no unit copy of v
+        sim = kth_similarity(v, near, k, max_elements=max_elements)
+        return similarity_to_distance(sim.div_(v.norm(dim=-1).clamp_min_(1e-12)))

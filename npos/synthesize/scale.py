@@ -47,6 +47,7 @@ import torch
 
 from npos.knn.index import KnnIndex
 from npos.knn.ivf import KnnCache
+from npos.knn.kth import thread_pool
 from npos.synthesize.bank_search import IndexedBank, MemoryBank
 from npos.synthesize.config import SynthesisConfig
 from npos.synthesize.engine import _finish, _perturb
@@ -143,16 +144,32 @@ def _source_order(select: int, sources: int, generator: torch.Generator) -> torc
                       for _ in range(rounds)])[:sources]
 
 
+def _draw_noise(js: range, shape: tuple[int, int], seed: int, key: int) -> torch.Tensor:
+    """(len(js), *shape) standard normal noise, source j's from ``seeded(seed, key, j)``,
+    drawn in place by the CPU threads (each source has its own generator, so the values do
+    not depend on the thread count; at 1500 x 512 per source the draws are a large share of
+    global synthesis)."""
+    noise = torch.empty((len(js), *shape))
+
+    def draw(i: int) -> None:
+        torch.randn(shape, generator=seeded(seed, key, js[i]), out=noise[i])
+
+    workers = max(1, min(len(js), torch.get_num_threads()))
+    if workers == 1:
+        for i in range(len(js)):
+            draw(i)
+    else:
+        list(thread_pool(workers).map(draw, range(len(js))))
+    return noise
+
+
 def _score_sources(bank, src, js, cfg, seed, key, max_elements):
     """Candidates around the bank rows ``src`` (s,) (noise of source j from
     ``seeded(seed, key, j)``), scored against the bank: (kept outliers (s*keep, D), their
     distances, candidate distances (s, m))."""
     centers = bank.rows(src)
     s, dim = centers.shape
-    noise = torch.empty((s, cfg.candidates, dim))
-    for i, j in enumerate(js):  # drawn in place: no stacked copy
-        torch.randn((cfg.candidates, dim), generator=seeded(seed, key, j), out=noise[i])
-    noise = noise.to(bank.device)
+    noise = _draw_noise(js, (cfg.candidates, dim), seed, key).to(bank.device)
     v, scale = _perturb(centers[None], noise[None], cfg.resolved_sigma, cfg.noise_space)
     cand = bank.candidate_kth(v[0], src, cfg.k, max_elements)
     kept_d, kept = cand.topk(cfg.keep, dim=1)
