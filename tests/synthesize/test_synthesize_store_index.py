@@ -2,7 +2,6 @@
 the in-memory path with an exact (one-list flat) index, ``--scope global`` streams the rows,
 and an index of another store is refused in one line."""
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -13,20 +12,7 @@ from npos.errors import ParameterError
 from npos.knn import build_store_index
 from npos.synthesize import SynthesisConfig
 from npos.synthesize.offline import synthesize_store
-
 CFG = SynthesisConfig(k=8, select=20, pick=3, candidates=40, keep=2, backend="torch")
-SIZES = (70, 95, 120)
-
-
-@pytest.fixture
-def labelled(tmp_path, make_store, rng):
-    """Three classes of different sizes plus 15 unlabeled rows (label -1), float16."""
-    centres = rng.normal(size=(3, 16))
-    y = np.concatenate([np.repeat(np.arange(3), SIZES), np.full(15, -1)])
-    y = y[rng.permutation(y.size)]
-    x = (centres[np.maximum(y, 0)] + 0.5 * rng.normal(size=(y.size, 16))) * 8
-    return make_store(tmp_path / "f.zarr", x, y, class_names=["cat", "dog", "fox"],
-                      chunk_rows=32, dtype="float16")
 
 
 def _same(a, b):
@@ -70,8 +56,7 @@ def test_bank_all_large_classes_use_the_filtered_index(labelled):
 
 
 def test_cli_index_of_another_store_is_refused_in_one_line(labelled, make_store, tmp_path):
-    other = make_store(tmp_path / "o.zarr", labelled.read()[:200], None, chunk_rows=32,
-                       dtype="float16")
+    other = make_store(tmp_path / "o.zarr", labelled.read()[:200], None, chunk_rows=32)
     build_store_index(other, nlist=1, ks=(CFG.k,))
     fast = ["--k", "8", "--select", "20", "--candidates", "40", "--stats-only",
             "--scope", "global", "--count", "3"]
