@@ -247,6 +247,10 @@ def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queu
         raise ParameterError("--count sets the total of --scope global; with --scope class "
                              "each class gives --pick x --keep outliers")
     if bank == "sample" and scope == "class":
+        if index not in (None, "none"):
+            raise ParameterError(f"--index {index} serves --bank all and --scope global; "
+                                 "--bank sample searches its --queue-row banks in memory "
+                                 "(drop --index, or pass --bank all)")
         check_int("queue", queue, 2)
         config.validate(bank_size=queue, bank_name="queue")
     if not isinstance(store, FeatureStore):

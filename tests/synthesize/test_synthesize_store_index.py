@@ -67,6 +67,9 @@ def test_cli_index_of_another_store_is_refused_in_one_line(labelled, make_store,
     assert len(lines) == 1 and "built for another store" in lines[0], res.output
     ok = CliRunner().invoke(cli, ["synthesize", labelled.url, *fast, "--index", "none"])
     assert ok.exit_code == 0, ok.output
+    sample = CliRunner().invoke(cli, ["synthesize", labelled.url, *fast[:7], "--queue", "60",
+                                      "--index", other.url + ".index"])
+    assert sample.exit_code == 2 and "--index" in sample.output and "--bank all" in sample.output
 
 
 def test_ivf_index_scores_candidates_in_the_source_neighbourhood(tmp_path, make_store, rng):
