@@ -22,16 +22,21 @@ from npos.commands._synthesis_options import synthesis_config_from_options, synt
                    "store (unlabeled stores; labels ignored; needs --count).")
 @click.option("--count", type=int, default=None,
               help="--scope global: outliers in total.")
+@click.option("--index", "index", metavar="PATH|none",
+              help="The store's index (npos index build) for --scope global and for --bank all "
+                   "classes large enough for IVF. Default: FEATURES.index when it exists; "
+                   "'none' builds an in-memory index per bank. Refused when built for another "
+                   "store or before the store changed.")
 @click.option("--memory-budget", default="1GiB", show_default=True,
               help="Bound on the float32 rows held at once (--bank all reads classes in groups "
-                   "that fit; --scope global needs the whole store to fit) and on the "
-                   "engine's working memory.")
+                   "that fit; --scope global without a store index needs the whole store to "
+                   "fit, with one it streams) and on the engine's working memory.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds the class banks and all noise.")
 @device_option("Torch device of the engine.")
 @click.option("--stats-only", is_flag=True, help="Print the summary; write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
-def command(features, out, bank, scope, count, memory_budget, seed, device, stats_only,
+def command(features, out, bank, scope, count, index, memory_budget, seed, device, stats_only,
             overwrite, **options) -> None:
     """Synthesize virtual outliers from the store FEATURES into --out.
 
@@ -62,7 +67,7 @@ def command(features, out, bank, scope, count, memory_budget, seed, device, stat
     with Distributed(device) as group:
         offline = synthesize_store(source, config, queue=options["queue"], seed=seed,
                                    device=group.device, memory_budget=budget, bank=bank,
-                                   scope=scope, count=count,
+                                   scope=scope, count=count, index=index,
                                    ranks=Ranks(group.rank, group.world))
         if group.rank != 0:  # rank 0 reports and writes
             return

@@ -26,7 +26,8 @@ _PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
 @lru_cache(maxsize=4)
-def _pool(workers: int) -> ThreadPoolExecutor:
+def thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A shared pool of ``workers`` threads (for torch/numpy work that releases the GIL)."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="npos-kth")
 
 
@@ -59,7 +60,7 @@ def kth_largest_(x: torch.Tensor, k: int) -> torch.Tensor:
         rows.partition(position, axis=-1)
     else:
         parts = np.array_split(rows, workers)  # views: each thread partitions its rows in place
-        list(_pool(workers).map(lambda part: part.partition(position, axis=-1), parts))
+        list(thread_pool(workers).map(lambda part: part.partition(position, axis=-1), parts))
     return torch.from_numpy(rows[:, position].copy()).view(x.shape[:-1])
 
 

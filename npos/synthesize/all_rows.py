@@ -11,14 +11,20 @@ import numpy as np
 import torch
 
 from npos.errors import ParameterError, StoreError
+from npos.knn import resolve_knn_backend
 from npos.knn.ivf import KnnCache
+from npos.knn.store_index import IndexMismatchError
 from npos.settings import settings_record
 from npos.store import FeatureStore
+from npos.synthesize.bank_search import IndexedBank, read_rows
 from npos.synthesize.config import SynthesisConfig
 from npos.synthesize.offline import QUANTILES, create_outliers_store, format_table
-from npos.synthesize.scale import (GLOBAL_KEY, ONE_PROCESS, BankOutliers, Ranks,
+from npos.synthesize.scale import (GLOBAL_KEY, ONE_PROCESS, BankOutliers, Ranks, memory_bank,
                                    synthesize_bank)
 from npos.validation import check_int
+
+#: ``--index none``: never use a store index (an in-memory one per bank, as before).
+NO_INDEX = "none"
 
 
 @dataclass
@@ -125,21 +131,6 @@ def class_groups(counts: dict[int, int], dim: int, memory_budget: int) -> list[l
     return [g for g in groups if g]
 
 
-def read_rows(store: FeatureStore, positions: np.ndarray) -> np.ndarray:
-    """float32 ``embeddings`` of the (ascending) store ``positions``, streamed one store chunk
-    at a time into one preallocated array."""
-    out = np.empty((positions.size, store.dim), dtype=np.float32)
-    chunk = store.chunk_rows
-    bounds = np.searchsorted(positions, np.arange(0, store.n_rows + chunk, chunk))
-    for i in range(bounds.size - 1):
-        lo, hi = int(bounds[i]), int(bounds[i + 1])
-        if lo < hi:
-            start = i * chunk
-            rows = store.read_rows("embeddings", start, min(start + chunk, store.n_rows))
-            out[lo:hi] = rows[positions[lo:hi] - start]
-    return out
-
-
 def check_class_bank(config: SynthesisConfig, counts: dict[int, int], names: list[str]) -> None:
     """``--bank all``: every class needs more than K rows and at least ``select``."""
     c, n = min(counts.items(), key=lambda item: item[1])
@@ -154,8 +145,9 @@ def check_class_bank(config: SynthesisConfig, counts: dict[int, int], names: lis
 
 
 def check_global_bank(config: SynthesisConfig, n: int, count: int | None, dim: int,
-                      memory_budget: int) -> None:
-    """``--scope global``: --count given, K and select below the rows, the rows fit."""
+                      memory_budget: int, *, indexed: bool = False) -> None:
+    """``--scope global``: --count given, K and select below the rows, and (without a store
+    index, ``indexed``) the rows fit."""
     if count is None:
         raise ParameterError("--scope global needs --count (outliers in total), e.g. "
                              "--count 1000")
@@ -167,19 +159,57 @@ def check_global_bank(config: SynthesisConfig, n: int, count: int | None, dim: i
         raise ParameterError(f"--select {config.select} exceeds the store's {n} valid rows; "
                              f"use --select {n} or less")
     size = 4 * n * dim
-    if size > memory_budget:
+    if size > memory_budget and not indexed:
         raise ParameterError(
             f"--memory-budget {_bytes(memory_budget)} cannot hold the {n} rows x {dim} float32 "
-            f"(= {_bytes(size)}) that --scope global indexes; use --memory-budget "
-            f"{_bytes(2 * size)}")
+            f"(= {_bytes(size)}) that --scope global indexes in memory; use --memory-budget "
+            f"{_bytes(2 * size)}, or build the store's index ('npos index build') so the rows "
+            "are streamed")
+
+
+def find_index(store: FeatureStore, index: str | None, device: torch.device) -> Any:
+    """The store index synthesis uses: ``index`` a path (opened, refused in one line when it
+    does not match the store), ``None`` (the default location when an index is there) or
+    ``"none"`` (never). On a GPU when the engine is and faiss has one; else the CPU."""
+    from npos.knn import faiss_gpus
+    from npos.knn.store_index import StoreIndex
+
+    if index == NO_INDEX:
+        return None
+    on = "cuda" if device.type == "cuda" and faiss_gpus() > 0 else "cpu"
+    return StoreIndex.find(index, store=store, device=on)
+
+
+def _global(store, config, positions, count, index, run, device, memory_budget, seed):
+    check_global_bank(config, positions.size, count, store.dim, memory_budget,
+                      indexed=index is not None)
+    assert count is not None  # checked just above
+    sources = -(-count // config.keep)
+    if index is not None:
+        if not np.array_equal(index.rows, positions):
+            raise IndexMismatchError(f"index {index.path!r} does not hold the store's readable "
+                                     f"rows; rebuild it with 'npos index build {store.url} "
+                                     "--overwrite'")
+        part = run(IndexedBank(store, index, positions), sources, GLOBAL_KEY)
+    else:
+        raw = torch.from_numpy(read_rows(store, positions)).to(device)
+        part = run(memory_bank(raw, config, seed=seed, memory_budget=memory_budget,
+                               key=GLOBAL_KEY), sources, GLOBAL_KEY)
+    return AllRowsSynthesis(
+        part.outliers[:count], torch.full((count,), -1, dtype=torch.int64),
+        part.distance[:count], positions[part.source[:count].numpy()], config, "all",
+        "global", count, seed, None, {"all": part}, str(device), memory_budget)
 
 
 def synthesize_all_rows(store: FeatureStore, config: SynthesisConfig, *, scope: str,
                         count: int | None, seed: int, device: torch.device,
-                        memory_budget: int, ranks: Ranks = ONE_PROCESS) -> AllRowsSynthesis:
+                        memory_budget: int, ranks: Ranks = ONE_PROCESS,
+                        index: str | None = None) -> AllRowsSynthesis:
     """NPOS over all valid rows: per class (``scope="class"``: ``pick * keep`` outliers per
     class) or over the whole store (``scope="global"``: ``count`` outliers, labels ignored).
-    See :func:`npos.synthesize.offline.synthesize_store` for the parameters."""
+    ``index`` (:func:`find_index`): the store index serves ``--scope global`` and the classes
+    the ``auto`` policy sends to IVF. See :func:`npos.synthesize.offline.synthesize_store` for
+    the other parameters."""
     if config.method != "npos":
         raise ParameterError(f"--bank all and --scope global run --method npos only; got "
                              f"--method {config.method}")
@@ -187,19 +217,13 @@ def synthesize_all_rows(store: FeatureStore, config: SynthesisConfig, *, scope: 
     labels = store.read_rows("labels")[positions].astype(np.int64)
     cache = KnnCache()
 
-    def run(raw: torch.Tensor, sources: int, key: int) -> BankOutliers:
-        return synthesize_bank(raw, config, sources=sources, key=key, seed=seed,
-                               memory_budget=memory_budget, cache=cache, ranks=ranks)
+    def run(bank, sources: int, key: int) -> BankOutliers:
+        return synthesize_bank(bank, config, sources=sources, key=key, seed=seed,
+                               memory_budget=memory_budget, ranks=ranks)
 
     if scope == "global":
-        check_global_bank(config, positions.size, count, store.dim, memory_budget)
-        assert count is not None  # checked just above
-        raw = torch.from_numpy(read_rows(store, positions)).to(device)
-        part = run(raw, -(-count // config.keep), GLOBAL_KEY)
-        return AllRowsSynthesis(
-            part.outliers[:count], torch.full((count,), -1, dtype=torch.int64),
-            part.distance[:count], positions[part.source[:count].numpy()], config, "all",
-            scope, count, seed, None, {"all": part}, str(device), memory_budget)
+        return _global(store, config, positions, count, find_index(store, index, device), run,
+                       device, memory_budget, seed)
     if not (labels >= 0).any():
         raise StoreError(f"store {store.url!r} has no labelled rows: --scope class needs class "
                          "labels; use --scope global --count N for an unlabeled store")
@@ -207,21 +231,34 @@ def synthesize_all_rows(store: FeatureStore, config: SynthesisConfig, *, scope: 
     present = np.bincount(labels[labels >= 0], minlength=len(names))
     counts = {c: int(n) for c, n in enumerate(present) if n > 0}
     check_class_bank(config, counts, names)
+    # the auto policy: classes it sends to IVF use the store index (filtered to the class)
+    large = {c for c, n in counts.items() if resolve_knn_backend(config.backend, n) == "faiss-ivf"}
+    store_index = (find_index(store, index, torch.device("cpu"))  # filters run on the CPU
+                   if large or index not in (None, NO_INDEX) else None)
+    if store_index is None:
+        large = set()
     parts: dict[str, BankOutliers] = {}
     rows: dict[int, np.ndarray] = {}
-    for group in class_groups(counts, store.dim, memory_budget):
+    for c in sorted(large):
+        mine = positions[labels == c]
+        parts[names[c]] = run(IndexedBank(store, store_index, mine, among=True), config.pick, c)
+        rows[c] = mine[parts[names[c]].source.numpy()]
+    in_memory = {c: n for c, n in counts.items() if c not in large}
+    for group in class_groups(in_memory, store.dim, memory_budget) if in_memory else []:
         in_group = np.isin(labels, group)
         raw_group = read_rows(store, positions[in_group])
         for c in group:
             mine = labels[in_group] == c
             raw = torch.from_numpy(raw_group[mine]).to(device)
-            parts[names[c]] = run(raw, config.pick, c)
+            bank = memory_bank(raw, config, seed=seed, memory_budget=memory_budget,
+                               cache=cache, key=c)
+            parts[names[c]] = run(bank, config.pick, c)
             rows[c] = positions[in_group][mine][parts[names[c]].source.numpy()]
         del raw_group
     classes = list(counts)
     return AllRowsSynthesis(
-        torch.cat([p.outliers for p in parts.values()]),
+        torch.cat([parts[names[c]].outliers for c in classes]),
         torch.tensor(classes, dtype=torch.int64).repeat_interleave(config.pick * config.keep),
-        torch.cat([p.distance for p in parts.values()]),
+        torch.cat([parts[names[c]].distance for c in classes]),
         np.concatenate([rows[c] for c in classes]), config, "all", scope, None, seed, names,
-        parts, str(device), memory_budget)
+        {names[c]: parts[names[c]] for c in classes}, str(device), memory_budget)

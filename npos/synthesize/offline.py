@@ -214,7 +214,8 @@ def format_table(rows: list[dict[str, Any]]) -> list[str]:
 def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queue: int = 1000,
                      seed: int = 0, device=None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
                      bank: str = "sample", scope: str = "class", count: int | None = None,
-                     ranks: Ranks | None = None) -> OfflineSynthesis | AllRowsSynthesis:
+                     ranks: Ranks | None = None,
+                     index: str | None = None) -> OfflineSynthesis | AllRowsSynthesis:
     """Synthesize outliers from a features store.
 
     ``bank="sample"``, ``scope="class"`` (the paper): one
@@ -228,6 +229,8 @@ def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queu
     an :class:`~npos.synthesize.all_rows.AllRowsSynthesis`. ``memory_budget`` then also
     bounds the float32 rows held at once (classes are read in groups that fit), and
     ``ranks`` (a :class:`~npos.synthesize.scale.Ranks`) splits the work of a ``torchrun`` job.
+    ``index``: the store's persisted index (``npos index build``) those use: a path, ``None``
+    (``STORE.index`` when it exists) or ``"none"`` (never; an in-memory index per bank).
 
     Raises
     ------
@@ -244,6 +247,10 @@ def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queu
         raise ParameterError("--count sets the total of --scope global; with --scope class "
                              "each class gives --pick x --keep outliers")
     if bank == "sample" and scope == "class":
+        if index not in (None, "none"):
+            raise ParameterError(f"--index {index} serves --bank all and --scope global; "
+                                 "--bank sample searches its --queue-row banks in memory "
+                                 "(drop --index, or pass --bank all)")
         check_int("queue", queue, 2)
         config.validate(bank_size=queue, bank_name="queue")
     if not isinstance(store, FeatureStore):
@@ -255,7 +262,7 @@ def synthesize_store(store: FeatureStore | str, config: SynthesisConfig, *, queu
 
         return synthesize_all_rows(store, config, scope=scope, count=count, seed=seed,
                                    device=device, memory_budget=memory_budget,
-                                   ranks=ranks or ONE_PROCESS)
+                                   ranks=ranks or ONE_PROCESS, index=index)
     labels = torch.from_numpy(store.read("labels").astype(np.int64))
     if not (labels >= 0).any():
         raise StoreError(f"store {store.url!r} has no labelled rows: --scope class needs class "

@@ -4,7 +4,10 @@ stays in :mod:`npos.synthesize.offline`.
 
 For one *bank* (a class's valid rows, or every valid row of the store):
 
-1. one :class:`~npos.knn.KnnIndex` over the bank (:func:`fit_bank_index`; ``auto`` is
+1. how the bank is searched (:mod:`npos.synthesize.bank_search`): the store's persisted
+   :class:`~npos.knn.StoreIndex` when there is one (``--scope global``; ``--bank all`` for a
+   class ``auto`` sends to IVF, filtered to the class), else one :class:`~npos.knn.KnnIndex`
+   over the bank's rows in memory (:func:`fit_bank_index`; ``auto`` is
    :func:`npos.knn.resolve_knn_backend` for the bank size: exact torch for small banks,
    faiss-flat, then faiss-ivf at scale);
 2. ``d_K`` of **every** bank row: its K-th nearest *other* row (search K+1, drop the row's own
@@ -14,7 +17,8 @@ For one *bank* (a class's valid rows, or every valid row of the store):
    when ``S > select`` (``--scope class``: ``S = pick`` per class; ``--scope global``:
    ``S = ceil(count / keep)``, the output cut to ``count``);
 5. ``candidates`` noise draws around each source (``sphere`` or ``raw``, as the engine), scored
-   by their K-th-NN distance to the whole bank; the ``keep`` farthest kept per source.
+   by their K-th-NN distance to the whole bank (one search per batch of sources, the batch
+   sized by the budget); the ``keep`` farthest kept per source.
 
 Randomness: the source permutation of a bank comes from a generator seeded by
 ``(seed, key)`` and the noise of source ``j`` from one seeded by ``(seed, key, j)`` (key: the
@@ -26,8 +30,10 @@ are dealt round-robin to the ranks and gathered on every rank; chunk sizes depen
 budget and the bank, never on the world size, so W processes compute exactly what one does.
 
 Memory: ``--scope class`` streams the store once per *group* of classes whose float32 rows
-fit ``memory_budget`` (never all classes at once); ``--scope global`` needs every valid row in
-float32 (the index holds them) and refuses a budget below that.
+fit ``memory_budget`` (never all classes at once); ``--scope global`` without a store index
+needs every valid row in float32 (the in-memory index holds them) and refuses a budget below
+that; with one it streams the store block by block and holds ``d_K`` (4 bytes a row), the
+index and one block.
 """
 
 from __future__ import annotations
@@ -41,10 +47,14 @@ import torch
 
 from npos.knn.index import KnnIndex
 from npos.knn.ivf import KnnCache
+from npos.knn.kth import thread_pool
+from npos.synthesize.bank_search import IndexedBank, MemoryBank
 from npos.synthesize.config import SynthesisConfig
 from npos.synthesize.engine import _finish, _perturb
 
 GLOBAL_KEY = -1
+#: A searched bank (:mod:`npos.synthesize.bank_search`).
+Bank = MemoryBank | IndexedBank
 
 
 @dataclass(frozen=True)
@@ -86,27 +96,11 @@ def fit_bank_index(bank: torch.Tensor, config: SynthesisConfig, *, seed: int,
                     cache_key=("synthesize-all", key)).fit(bank)
 
 
-def query_rows(index: KnnIndex, k: int, memory_budget: int) -> int:
-    """Query rows per search call: the (rows, bank) similarity block of the torch backend,
-    or the (rows, k + 1) results and the queries themselves for faiss, under the budget."""
-    per_row = 4 * index.n_ if index.backend_ == "torch" else 12 * (k + 1) + 4 * index.dim_
-    return int(min(65536, max(1, memory_budget // per_row)))
-
-
-def _kth_other(index: KnnIndex, rows: torch.Tensor, offset: int, k: int) -> torch.Tensor:
-    """K-th-NN distance of bank rows ``offset..`` to the *other* bank rows (search k + 1 and
-    drop the row's own id, or the last column when a duplicate hid it)."""
-    dist, ids = index.search(rows, k + 1)
-    own = ids.cpu() == torch.arange(offset, offset + rows.shape[0])[:, None]
-    early = own[:, :k].any(dim=1)
-    return torch.where(early, dist.cpu()[:, k], dist.cpu()[:, k - 1])
-
-
-def bank_kth_distance(index: KnnIndex, bank: torch.Tensor, k: int, *, chunk: int,
+def bank_kth_distance(bank: Bank, k: int, *, chunk: int,
                       ranks: Ranks = ONE_PROCESS) -> torch.Tensor:
     """(N,) float32 distance of every bank row to its K-th nearest other row (CPU)."""
-    n = bank.shape[0]
-    part = {s: _kth_other(index, bank[s:s + chunk], s, k)
+    n = bank.n
+    part = {s: bank.kth_of_rows(s, min(n, s + chunk), k)
             for s in ranks.mine(range(0, n, chunk))}
     merged = ranks.merge(part)
     return torch.cat([merged[s] for s in range(0, n, chunk)])
@@ -150,30 +144,55 @@ def _source_order(select: int, sources: int, generator: torch.Generator) -> torc
                       for _ in range(rounds)])[:sources]
 
 
-def _score_sources(raw, index, centers, js, cfg, seed, key):
-    """Candidates around ``centers`` (s, D) (noise of source j from ``seeded(seed, key, j)``),
-    scored against the bank: (kept outliers (s*keep, D), their distances, candidate distances
-    (s, m))."""
+def _draw_noise(js: range, shape: tuple[int, int], seed: int, key: int) -> torch.Tensor:
+    """(len(js), *shape) standard normal noise, source j's from ``seeded(seed, key, j)``,
+    drawn in place by the CPU threads (each source has its own generator, so the values do
+    not depend on the thread count; at 1500 x 512 per source the draws are a large share of
+    global synthesis)."""
+    noise = torch.empty((len(js), *shape))
+
+    def draw(i: int) -> None:
+        torch.randn(shape, generator=seeded(seed, key, js[i]), out=noise[i])
+
+    workers = max(1, min(len(js), torch.get_num_threads()))
+    if workers == 1:
+        for i in range(len(js)):
+            draw(i)
+    else:
+        list(thread_pool(workers).map(draw, range(len(js))))
+    return noise
+
+
+def _score_sources(bank, src, js, cfg, seed, key, max_elements):
+    """Candidates around the bank rows ``src`` (s,) (noise of source j from
+    ``seeded(seed, key, j)``), scored against the bank: (kept outliers (s*keep, D), their
+    distances, candidate distances (s, m))."""
+    centers = bank.rows(src)
     s, dim = centers.shape
-    noise = torch.stack([torch.randn((cfg.candidates, dim), generator=seeded(seed, key, j))
-                         for j in js]).to(raw.device)
+    noise = _draw_noise(js, (cfg.candidates, dim), seed, key).to(bank.device)
     v, scale = _perturb(centers[None], noise[None], cfg.resolved_sigma, cfg.noise_space)
-    cand = index.kth_distance(v.view(-1, dim), cfg.k).cpu().view(s, cfg.candidates)
+    cand = bank.candidate_kth(v[0], src, cfg.k, max_elements)
     kept_d, kept = cand.topk(cfg.keep, dim=1)
     v_kept = v[0].gather(1, kept.to(v.device)[..., None].expand(s, cfg.keep, dim))
     out = _finish(v_kept[None], scale).reshape(s * cfg.keep, dim).cpu()
     return out, kept_d.reshape(-1), cand
 
 
-def synthesize_bank(raw: torch.Tensor, config: SynthesisConfig, *, sources: int, key: int,
-                    seed: int, memory_budget: int, cache: KnnCache | None = None,
-                    ranks: Ranks = ONE_PROCESS) -> BankOutliers:
+def memory_bank(raw: torch.Tensor, config: SynthesisConfig, *, seed: int, memory_budget: int,
+                cache: KnnCache | None = None, key: int) -> MemoryBank:
+    """float32 rows ``raw`` with their own index (:func:`fit_bank_index`)."""
+    return MemoryBank(raw, fit_bank_index(raw, config, seed=seed, memory_budget=memory_budget,
+                                          cache=cache, key=key))
+
+
+def synthesize_bank(bank: Bank, config: SynthesisConfig, *, sources: int, key: int, seed: int,
+                    memory_budget: int, ranks: Ranks = ONE_PROCESS) -> BankOutliers:
     """NPOS over a whole bank (see the module docstring).
 
     Parameters
     ----------
-    raw : Tensor of shape (N, D)
-        float32 bank rows (any device; the index lives there).
+    bank : MemoryBank or IndexedBank
+        The bank and how it is searched (:mod:`npos.synthesize.bank_search`).
     config : SynthesisConfig
         ``k < N`` and ``select <= N`` are the caller's checks.
     sources : int
@@ -181,19 +200,22 @@ def synthesize_bank(raw: torch.Tensor, config: SynthesisConfig, *, sources: int,
     key : int
         Separates the random streams of banks (class id, or :data:`GLOBAL_KEY`).
     """
-    n, dim = raw.shape
-    index = fit_bank_index(raw, config, seed=seed, memory_budget=memory_budget, cache=cache,
-                           key=key)
-    bank_d = bank_kth_distance(index, raw, config.k,
-                               chunk=query_rows(index, config.k, memory_budget), ranks=ranks)
+    k = config.k
+    bank_d = bank_kth_distance(bank, k, chunk=bank.query_block(k, memory_budget), ranks=ranks)
     boundary = bank_d.topk(config.select).indices
     src = boundary[_source_order(config.select, sources, seeded(seed, key))]
-    per = max(1, min(sources, memory_budget // (8 * config.candidates * dim)))
+    bank.prepare(src, k)
+    # per candidate: its noise/vector, the unit copy searched, the (k + 1) results, and a
+    # share of the similarity block (bounded separately by max_elements)
+    per_candidate = 12 * bank.dim + 12 * (k + 1)
+    per = max(1, min(sources, memory_budget // (2 * config.candidates * per_candidate)))
+    max_elements = max(1, memory_budget // 8)
     part = {}
     for s0 in ranks.mine(range(0, sources, per)):
         js = range(s0, min(sources, s0 + per))
-        out, kept_d, cand = _score_sources(raw, index, raw[src[s0:js.stop].to(raw.device)],
-                                           js, config, seed, key)
+        out, kept_d, cand = _score_sources(bank, src[s0:js.stop], js, config, seed, key,
+                                           max_elements)
+        # the sources' d_K come from the every-row pass, never recomputed
         outward = int((cand > bank_d[src[s0:js.stop]][:, None]).sum())
         part[s0] = (out, kept_d, outward)
     merged = ranks.merge(part)
@@ -202,4 +224,4 @@ def synthesize_bank(raw: torch.Tensor, config: SynthesisConfig, *, sources: int,
     distance = torch.cat([merged[s][1] for s in starts]).float()
     outward = sum(merged[s][2] for s in starts) / (sources * config.candidates)
     return BankOutliers(outliers, distance, src.repeat_interleave(config.keep), bank_d,
-                        boundary, outward, index.backend_)
+                        boundary, outward, bank.backend)

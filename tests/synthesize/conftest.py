@@ -4,9 +4,25 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+
+#: Classes and sizes of the :func:`labelled` store.
+NAMES = ["cat", "dog", "fox"]
+SIZES = (70, 95, 120)
+
+
+@pytest.fixture
+def labelled(tmp_path, make_store, rng):
+    """Three classes of different sizes, interleaved, plus 15 unlabeled rows (label -1)."""
+    centres = rng.normal(size=(3, 16))
+    y = np.concatenate([np.repeat(np.arange(3), SIZES), np.full(15, -1)])
+    y = y[rng.permutation(y.size)]
+    x = (centres[np.maximum(y, 0)] + 0.5 * rng.normal(size=(y.size, 16))) * 8
+    return make_store(tmp_path / "f.zarr", x, y, class_names=NAMES, chunk_rows=32)
 
 
 def clustered_banks(n_classes=4, queue=60, dim=16, *, seed=0, scale=5.0):

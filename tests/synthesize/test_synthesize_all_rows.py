@@ -19,19 +19,9 @@ from npos.synthesize import SynthesisConfig
 from npos.synthesize.offline import synthesize_store
 from npos.synthesize.scale import seeded
 
-NAMES = ["cat", "dog", "fox"]
+NAMES = ["cat", "dog", "fox"]  # the classes of the `labelled` store (conftest.py)
 SIZES = (70, 95, 120)
 CFG = SynthesisConfig(k=8, select=20, pick=3, candidates=40, keep=2, backend="torch")
-
-
-@pytest.fixture
-def labelled(tmp_path, make_store, rng):
-    """Three classes of different sizes, interleaved, plus 15 unlabeled rows (label -1)."""
-    centres = rng.normal(size=(3, 16))
-    y = np.concatenate([np.repeat(np.arange(3), SIZES), np.full(15, -1)])
-    y = y[rng.permutation(y.size)]
-    x = (centres[np.maximum(y, 0)] + 0.5 * rng.normal(size=(y.size, 16))) * 8
-    return make_store(tmp_path / "f.zarr", x, y, class_names=NAMES, chunk_rows=32)
 
 
 def _kth(queries, bank, k, exclude_self=False):
