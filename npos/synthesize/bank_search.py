@@ -174,6 +174,7 @@ class IndexedBank:
             dist = self.index.kth_distance(v.reshape(-1, self.dim), k, **self._options(k))
             return torch.from_numpy(np.ascontiguousarray(dist, dtype=np.float32)
                                     ).view(v.shape[:2])
+        assert self._slot is not None  # set together with self._units
         near = self._units[self._slot[sources]]
         # the k-th largest of v.x / |v| is the k-th largest v.x over |v|: no unit copy of v
         sim = kth_similarity(v, near, k, max_elements=max_elements)
