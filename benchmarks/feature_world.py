@@ -196,3 +196,23 @@ def write_world(world: FeatureWorld, root: str | Path, *, model: str = "generate
             store.set_array("text_embeddings", world.text_embeddings)
         urls[name] = url
     return urls
+
+
+def random_trained_head(dim, n_classes, *, head="rbf", fingerprint, seed=0):
+    """An untrained :class:`TrainedHead` (identity projection) with random centres/weights:
+    a head of a given size for scoring benchmarks and tests, without training one."""
+    import torch
+
+    from npos.train_head.checkpoint import TrainedHead
+
+    config = {"num_classes": n_classes, "dim": dim, "projection": "linear", "head": head,
+              "temperature": 0.07, "classifier_trainable": False, "head_hidden": 32,
+              "rbf_centres": 4, "fingerprint": dict(fingerprint),
+              "class_names": [f"c{i}" for i in range(n_classes)]}
+    model = TrainedHead(config, "<test>")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.randn(n_classes, dim, generator=g))
+        if head == "rbf":
+            model.head.centres.copy_(torch.randn(n_classes * 4, dim, generator=g))
+    return model.eval()

@@ -137,11 +137,10 @@ def phase_score(a: argparse.Namespace) -> dict:
     from npos.evaluate import score_store
     from npos.store import FeatureStore
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "evaluate"))
-    from test_eval_store_index import _trained_head
+    from feature_world import random_trained_head
 
     store = FeatureStore.open(a.store)
-    head = _trained_head(store.dim, a.head_classes, fingerprint=store.fingerprint())
+    head = random_trained_head(store.dim, a.head_classes, fingerprint=store.fingerprint())
     before = _peak_mib()
     t = time.perf_counter()
     summary = score_store(store, str(a.work / "scores.zarr"), head=head, train=store,

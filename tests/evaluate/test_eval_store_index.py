@@ -22,30 +22,13 @@ from npos.evaluate import OODScorer, ScoringConfig, score_store
 from npos.evaluate.batch import read_score_settings
 from npos.knn import build_store_index
 
+from benchmarks.feature_world import random_trained_head
+
 
 def _scores(path):
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     return np.array([[float(v) for v in row[1:]] for row in rows[1:]])
-
-
-def _trained_head(dim, n_classes, *, head="rbf", fingerprint, seed=0):
-    """An untrained :class:`TrainedHead` (identity projection) with random centres/weights."""
-    import torch
-
-    from npos.train_head.checkpoint import TrainedHead
-
-    config = {"num_classes": n_classes, "dim": dim, "projection": "linear", "head": head,
-              "temperature": 0.07, "classifier_trainable": False, "head_hidden": 32,
-              "rbf_centres": 4, "fingerprint": dict(fingerprint),
-              "class_names": [f"c{i}" for i in range(n_classes)]}
-    model = TrainedHead(config, "<test>")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.classifier.weight.copy_(torch.randn(n_classes, dim, generator=g))
-        if head == "rbf":
-            model.head.centres.copy_(torch.randn(n_classes * 4, dim, generator=g))
-    return model.eval()
 
 
 def test_knn_through_index_equals_knn_without(world):
@@ -102,7 +85,7 @@ def test_index_serves_only_encoder_space_features(world, contract_head):
     assert read_score_settings(world["tmp"] / "b.csv")["detectors"]["knn"]["backend_used"] \
         != "store-index"
     # an identity projection (a head-only head) scores the raw embeddings: the index serves
-    identity = _trained_head(16, 4, head="mlp", fingerprint=train.fingerprint())
+    identity = random_trained_head(16, 4, head="mlp", fingerprint=train.fingerprint())
     score_store(world["near"], world["tmp"] / "c.csv", head=identity, train=world["train"],
                 scores="knn,head", device="cpu")
     facts = read_score_settings(world["tmp"] / "c.csv")["detectors"]["knn"]
@@ -113,7 +96,7 @@ def test_row_blocks_give_the_same_scores(world):
     from npos.store import FeatureStore
 
     fp = FeatureStore.open(world["train"]).fingerprint()
-    head = _trained_head(16, 4, fingerprint=fp)
+    head = random_trained_head(16, 4, fingerprint=fp)
     z = world["z_near"].astype(np.float32)
     results = []
     for budget in (1 << 30, 4096):  # one block / blocks of a few rows
@@ -130,13 +113,12 @@ def test_row_blocks_give_the_same_scores(world):
 _MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import numpy as np
-    sys.path.insert(0, sys.argv[3])
-    from test_eval_store_index import _trained_head
+    from benchmarks.feature_world import random_trained_head
     from npos.evaluate import score_store
     from npos.store import FeatureStore
 
     store = FeatureStore.open(sys.argv[1])
-    head = _trained_head(store.dim, 1000, fingerprint=store.fingerprint())
+    head = random_trained_head(store.dim, 1000, fingerprint=store.fingerprint())
     import torch
     torch.set_num_threads(1)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -168,9 +150,8 @@ def test_peak_memory_of_scoring_200k_rows_with_1000_class_rbf_head(tmp_path, mak
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072",
            "PYTHONPATH": os.pathsep.join([str(Path(npos.__file__).parents[1]),
                                           os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(script), store.url, str(tmp_path / "s.zarr"),
-                           str(Path(__file__).parent)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run([sys.executable, str(script), store.url, str(tmp_path / "s.zarr")],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rss = json.loads(proc.stdout.strip().splitlines()[-1])
     growth_mib = (rss["after_kib"] - rss["before_kib"]) / 1024
