@@ -69,8 +69,8 @@ def test_bad_grids_name_the_problem(spec, fixed, message):
 @pytest.mark.parametrize("extra, message", [
     (["--grid", "k=5,x"], "--grid k: 'x' is not a valid integer range."),
     (["--grid", "sigma=0.01,0.02", "--k", "60"],
-     "The 'k' parameter must be an int in the range [1, 50) (k < bank size 50: the K-th "
-     "nearest other point). Got 60 instead."),
+     "--k 60 must be an int in the range [1, 50) (--k < --queue 50: the K-th nearest other "
+     "point); values that fit --queue 50: try --k 16"),
     (["--grid", "sigma=0.01,0.02", "--holdout-classes", "1"],
      "--holdout-classes replaces --val-id/--val-ood; give one or the other"),
     (["--grid", "sigma=0.01,0.02", "--scores", "head,foo"], "unknown score(s) 'foo'; choose "
