@@ -68,7 +68,9 @@ time.sleep(300)
 @pytest.fixture
 def lock_holder():
     """``lock_holder(target, what) -> Popen``: a child process holding ``target``'s writer
-    lock (command line ``npos holder --test``) until the test ends (killed then)."""
+    lock (command line ``npos holder --test``) until the test ends (killed then).
+    ``lock_holder.refused(result, holder, what, target)`` checks that a CLI run was refused
+    in one line naming the holder, with exit 2, and left no output."""
     import os
     import subprocess
     import sys
@@ -85,6 +87,16 @@ def lock_holder():
         assert child.stdout.readline().strip() == b"held"
         return child
 
+    def refused(result, holder, what, target):
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1, result.output
+        assert (f"{what} {str(target)!r} is being written by another process "
+                f"(pid {holder.pid}") in lines[0], lines[0]
+        assert "npos holder --test" in lines[0]
+        assert not Path(target).exists()
+
+    hold.refused = refused
     yield hold
     for child in children:
         child.kill()
