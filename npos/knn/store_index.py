@@ -13,7 +13,8 @@ the ``knn`` score (``evaluate``/``score --index``) and offered to synthesis and 
 * ``index.faiss``: the CPU index (``faiss.write_index``), ``IndexIVFFlat`` or
   ``IndexIVFScalarQuantizer``;
 * ``meta.json``: format, the store's URL, fingerprint, row count and content stamp; nlist,
-  codec, nprobe and measured recall per k, build settings and timings;
+  codec, nprobe and measured recall per k, the list probe of the every-row pass per k
+  (:mod:`npos.knn.store_index_lists`), build settings and timings;
 * ``rows.npy``: the indexed store rows (int64, ascending), i.e. valid rows -> store row;
 * ``heldout.npy``: the held-out query rows (int64) nprobe was tuned on;
 * ``queries.npy``: their unit vectors (float32), so later k are tuned without the store;
@@ -140,6 +141,7 @@ class StoreIndex:
         self.on_gpu = on_gpu
         self._nprobe = {int(k): int(v) for k, v in meta["nprobe"].items()}
         self._recall = {int(k): float(v) for k, v in meta["recall"].items()}
+        self._list_probe = {int(k): int(v) for k, v in meta.get("list_probe", {}).items()}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -234,6 +236,7 @@ class StoreIndex:
                 "dim": self.dim, "codec": meta["codec"], "nlist": self.nlist,
                 "nprobe": {str(k): v for k, v in sorted(self._nprobe.items())},
                 "recall": {str(k): round(v, 4) for k, v in sorted(self._recall.items())},
+                "list_probe": {str(k): v for k, v in sorted(self._list_probe.items())},
                 "target_recall": meta["target_recall"], "heldout": meta["heldout"],
                 "size_bytes": self.size_bytes, "built": meta["created"],
                 "build_seconds": meta.get("build_seconds")}
@@ -258,6 +261,31 @@ class StoreIndex:
             self._nprobe[k], self._recall[k] = tune_nprobe(
                 self, queries, heldout, truth, k, self.meta["target_recall"])
         return self._nprobe[k]
+
+    def list_probe_for(self, k: int) -> int:
+        """Lists scored per list by the every-row pass (:meth:`kth_every_row`) for depth
+        ``k``: tuned at build time, or now on the stored held-out rows."""
+        if k not in self._list_probe:
+            from npos.knn.store_index_lists import tune_list_probe
+
+            self.nprobe_for(k)  # the same depth checks
+            held = np.load(Path(self.path, HELDOUT_FILE), allow_pickle=False)
+            truth = np.load(Path(self.path, TRUTH_FILE), allow_pickle=False)
+            self._list_probe[k], _ = tune_list_probe(self, held, truth, k,
+                                                     self.meta["target_recall"])
+        return self._list_probe[k]
+
+    def kth_every_row(self, k: int, **options: Any) -> np.ndarray:
+        """Distance of every indexed row to its k-th nearest *other* indexed row, shape (n,),
+        aligned with :attr:`rows`, computed list by list
+        (:func:`~npos.knn.store_index_lists.list_kth_distance`, CPU index; ``options`` go
+        there)."""
+        from npos.knn.store_index_lists import list_kth_distance
+
+        rows, dist = list_kth_distance(self, k, **options)
+        out = np.empty(self.n, np.float32)
+        out[np.searchsorted(self.rows, rows)] = dist
+        return out
 
     def _search_unit(self, unit: np.ndarray, k: int, nprobe: int, selector: Any = None,
                      ) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,8 @@ fits ``memory_budget``:
    the bank, merging top-``max(k)`` lists.
 
 nprobe is then tuned per k: doubling from where the probed lists hold ~2k points until
-recall@k of the held-out rows (own row dropped from both lists) reaches ``target_recall``.
+recall@k of the held-out rows (own row dropped from both lists) reaches ``target_recall``;
+the every-row pass's list probe likewise (:func:`~npos.knn.store_index_lists.tune_list_probe`).
 On GPU (faiss-gpu) k-means and the list assignment run on all GPUs; the index is written
 from the CPU.
 """
@@ -38,6 +39,7 @@ from npos.knn.ivf import IVF_MAX_POINTS_PER_LIST, ivf_nlist
 from npos.knn.store_index import (FORMAT, HELDOUT_FILE, INDEX_FILE, META_FILE, QUERIES_FILE,
                                   ROWS_FILE, TRUTH_FILE, StoreIndex, _unit, default_index_path,
                                   drop_rows, recall_of, store_stamp)
+from npos.knn.store_index_lists import ListLayout, tune_list_probe
 from npos.validation import check_choice, check_float, check_int, fail, format_size
 
 #: ``flat``: float32 lists; ``fp16``: float16 lists (scalar quantizer, 2 bytes/dim, CPU and
@@ -276,11 +278,15 @@ def build_store_index(store: Any, out: str | None = None, *, codec: str = "flat"
                       "n_rows": store.n_rows, "dim": store.dim, "stamp": stamp},
             "n_indexed": n, "codec": codec, "nlist": nlist, "metric": "l2-unit",
             "target_recall": target_recall, "heldout": n_held, "train_rows": n_train,
-            "seed": seed, "memory_budget": memory_budget, "nprobe": {}, "recall": {}}
+            "seed": seed, "memory_budget": memory_budget, "nprobe": {}, "recall": {},
+            "list_probe": {}, "list_recall": {}}
     result = StoreIndex(out, meta, index, rows)
+    layout = ListLayout(index)
     for k in ks:
         probe, recall = tune_nprobe(result, queries, held, truth, k, target_recall)
         meta["nprobe"][str(k)], meta["recall"][str(k)] = probe, recall
+        probe, recall = tune_list_probe(result, held, truth, k, target_recall, layout)
+        meta["list_probe"][str(k)], meta["list_recall"][str(k)] = probe, recall
     meta["build_seconds"] = round(time.perf_counter() - began, 3)
     with atomic_path(out, overwrite=overwrite, directory=True, what="store index") as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))

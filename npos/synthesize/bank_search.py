@@ -12,7 +12,8 @@ small interface, so the engine code is one path:
 
 Both give: ``n``, ``dim``, ``backend``, ``device``; :meth:`query_block` (bank rows per
 search call under a budget), :meth:`kth_of_rows` (``d_K`` of bank rows ``start..stop``
-against the *other* bank rows), :meth:`rows` (float32 rows at bank positions),
+against the *other* bank rows), :meth:`pass_lists` (IVF lists of a list-by-list every-row
+pass, :meth:`IndexedBank.kth_of_lists`; 0: none), :meth:`rows` (float32 rows at bank positions),
 :meth:`prepare` (once the sources are known) and :meth:`candidate_kth` (``d_K`` of the
 candidates drawn around each source, against the bank).
 
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 
 from npos.knn.index import KnnIndex
 from npos.knn.kth import kth_similarity, similarity_to_distance
+from npos.knn.store_index_lists import ListLayout, list_kth_distance
 
 #: Neighbours of a source (x K) its candidates are scored against, with an IVF store index.
 LOCAL_DEPTH = 4
@@ -82,6 +84,10 @@ class MemoryBank:
         early = own[:, :k].any(dim=1)
         return torch.where(early, dist.cpu()[:, k], dist.cpu()[:, k - 1])
 
+    def pass_lists(self, memory_budget: int) -> int:
+        """No list-by-list pass: the in-memory index is searched row block by row block."""
+        return 0
+
     def rows(self, positions: torch.Tensor) -> torch.Tensor:
         return self.raw[positions.to(self.raw.device)]
 
@@ -115,6 +121,7 @@ class IndexedBank:
         self.among = positions if among else None
         self._units: torch.Tensor | None = None  # see prepare
         self._slot: torch.Tensor | None = None
+        self._layout: ListLayout | None = None  # see pass_lists
 
     def _options(self, k: int) -> dict[str, Any]:
         if self.among is None:
@@ -134,6 +141,26 @@ class IndexedBank:
         dist = self.index.kth_distance(queries, k, exclude_self=True, rows=rows,
                                        **self._options(k))
         return torch.from_numpy(np.ascontiguousarray(dist, dtype=np.float32))
+
+    def pass_lists(self, memory_budget: int) -> int:
+        """The IVF lists of the every-row pass (:meth:`kth_of_lists`), or 0 when it does not
+        apply: a class (filtered) bank, an index on the GPU (searched there), or quantized
+        lists longer than the budget (each would be decoded for every block of queries)."""
+        if self.among is not None or self.index.on_gpu:
+            return 0
+        if self._layout is None:
+            self._layout = ListLayout(self.index.index)
+        if self.index.meta["codec"] != "flat" and \
+                self._layout.max_list_bytes() > memory_budget // 4:
+            return 0
+        return self._layout.nlist
+
+    def kth_of_lists(self, lists: range, k: int, memory_budget: int,
+                     ) -> tuple[np.ndarray, torch.Tensor]:
+        """(bank positions, ``d_K``) of the members of IVF ``lists``, list by list."""
+        rows, dist = list_kth_distance(self.index, k, lists=lists, layout=self._layout,
+                                       memory_budget=memory_budget)
+        return np.searchsorted(self.positions, rows), torch.from_numpy(dist)
 
     def rows(self, positions: torch.Tensor) -> torch.Tensor:
         wanted = self.positions[positions.numpy()]

@@ -11,7 +11,9 @@ For one *bank* (a class's valid rows, or every valid row of the store):
    :func:`npos.knn.resolve_knn_backend` for the bank size: exact torch for small banks,
    faiss-flat, then faiss-ivf at scale);
 2. ``d_K`` of **every** bank row: its K-th nearest *other* row (search K+1, drop the row's own
-   id), computed in fixed query chunks;
+   id), computed in fixed query chunks; through a whole CPU store index, list by list
+   (:mod:`npos.knn.store_index_lists`: one matrix product per IVF list, 10-20x faster than
+   a search per row);
 3. boundary: the ``select`` rows with the largest ``d_K``;
 4. sources: ``S`` boundary positions drawn from a seeded permutation of the boundary, cycled
    when ``S > select`` (``--scope class``: ``S = pick`` per class; ``--scope global``:
@@ -25,7 +27,8 @@ Randomness: the source permutation of a bank comes from a generator seeded by
 class id, or -1 for the global bank; :func:`seeded`). So no rank has to draw another rank's
 noise, and the output does not depend on the number of processes or on the memory budget.
 
-Under ``torchrun`` (:class:`Ranks`) the query chunks of step 2 and the source chunks of step 5
+Under ``torchrun`` (:class:`Ranks`) the query chunks (or IVF lists) of step 2 and the source
+chunks of step 5
 are dealt round-robin to the ranks and gathered on every rank; chunk sizes depend on the
 budget and the bank, never on the world size, so W processes compute exactly what one does.
 
@@ -47,7 +50,7 @@ import torch
 
 from npos.knn.index import KnnIndex
 from npos.knn.ivf import KnnCache
-from npos.knn.kth import thread_pool
+from npos.knn.kth import DEFAULT_MEMORY_BUDGET, thread_pool
 from npos.synthesize.bank_search import IndexedBank, MemoryBank
 from npos.synthesize.config import SynthesisConfig
 from npos.synthesize.engine import _finish, _perturb
@@ -96,10 +99,21 @@ def fit_bank_index(bank: torch.Tensor, config: SynthesisConfig, *, seed: int,
                     cache_key=("synthesize-all", key)).fit(bank)
 
 
-def bank_kth_distance(bank: Bank, k: int, *, chunk: int,
-                      ranks: Ranks = ONE_PROCESS) -> torch.Tensor:
-    """(N,) float32 distance of every bank row to its K-th nearest other row (CPU)."""
+def bank_kth_distance(bank: Bank, k: int, *, chunk: int, ranks: Ranks = ONE_PROCESS,
+                      memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+    """(N,) float32 distance of every bank row to its K-th nearest other row (CPU): list by
+    list when the bank is a whole CPU store index (:meth:`IndexedBank.pass_lists`, the ranks
+    sharing the lists), else by searches of ``chunk`` query rows (the ranks sharing them)."""
     n = bank.n
+    lists = bank.pass_lists(memory_budget)
+    if lists:
+        mine = bank.kth_of_lists(ranks.mine(range(lists)), k, memory_budget)
+        joined = ranks.merge({ranks.rank: mine})
+        out = torch.empty(n)
+        for r in range(ranks.world):
+            positions, dist = joined[r]
+            out[torch.from_numpy(positions)] = dist
+        return out
     part = {s: bank.kth_of_rows(s, min(n, s + chunk), k)
             for s in ranks.mine(range(0, n, chunk))}
     merged = ranks.merge(part)
@@ -201,7 +215,8 @@ def synthesize_bank(bank: Bank, config: SynthesisConfig, *, sources: int, key: i
         Separates the random streams of banks (class id, or :data:`GLOBAL_KEY`).
     """
     k = config.k
-    bank_d = bank_kth_distance(bank, k, chunk=bank.query_block(k, memory_budget), ranks=ranks)
+    bank_d = bank_kth_distance(bank, k, chunk=bank.query_block(k, memory_budget), ranks=ranks,
+                               memory_budget=memory_budget)
     boundary = bank_d.topk(config.select).indices
     src = boundary[_source_order(config.select, sources, seeded(seed, key))]
     bank.prepare(src, k)
