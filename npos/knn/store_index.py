@@ -69,10 +69,13 @@ def _unit(x: Any) -> np.ndarray:
     """(n, D) numpy/torch -> C-contiguous float32 unit rows (a new array)."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
-    x = np.array(x, dtype=np.float32, copy=True, ndmin=2)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x /= np.maximum(norms, 1e-12)
-    return np.ascontiguousarray(x)
+    x = np.array(x, dtype=np.float32, copy=True, ndmin=2, order="C")
+    if x.size:  # torch's norm: numpy's builds an (n, D) square first (5x slower)
+        import torch
+
+        t = torch.from_numpy(x)
+        t.div_(torch.linalg.vector_norm(t, dim=1, keepdim=True).clamp_min_(1e-12))
+    return x
 
 
 def store_stamp(store: Any) -> str:

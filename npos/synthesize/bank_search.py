@@ -88,6 +88,9 @@ class MemoryBank:
         """No list-by-list pass: the in-memory index is searched row block by row block."""
         return 0
 
+    #: Candidates are searched against the whole bank (:meth:`candidate_kth`).
+    scores_locally = False
+
     def rows(self, positions: torch.Tensor) -> torch.Tensor:
         return self.raw[positions.to(self.raw.device)]
 
@@ -122,6 +125,7 @@ class IndexedBank:
         self._units: torch.Tensor | None = None  # see prepare
         self._slot: torch.Tensor | None = None
         self._layout: ListLayout | None = None  # see pass_lists
+        self._sources: torch.Tensor | None = None  # raw rows of the prepared sources
 
     def _options(self, k: int) -> dict[str, Any]:
         if self.among is None:
@@ -162,7 +166,23 @@ class IndexedBank:
                                        memory_budget=memory_budget)
         return np.searchsorted(self.positions, rows), torch.from_numpy(dist)
 
+    @property
+    def scores_locally(self) -> bool:
+        """Candidates are scored in their source's neighbourhood (:meth:`neighbourhood`,
+        set by :meth:`prepare` for an IVF index)."""
+        return self._units is not None
+
+    def neighbourhood(self, sources: torch.Tensor) -> torch.Tensor:
+        """(s, depth, D) unit rows of the neighbourhoods of bank positions ``sources``
+        (prepared)."""
+        assert self._units is not None and self._slot is not None  # see prepare
+        return self._units[self._slot[sources]]
+
     def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        if self._sources is not None:  # the prepared sources: no store read
+            slot = self._slot[positions] if self._slot is not None else None
+            if slot is not None and bool((slot >= 0).all()):
+                return self._sources[slot]
         wanted = self.positions[positions.numpy()]
         order = np.argsort(wanted, kind="stable")
         out = np.empty((wanted.size, self.dim), dtype=np.float32)
@@ -172,7 +192,7 @@ class IndexedBank:
     def prepare(self, sources: torch.Tensor, k: int) -> None:
         """With an IVF index: the unit vectors of the :data:`LOCAL_DEPTH` x K nearest rows
         of every distinct source (bank positions ``sources``), searched once."""
-        self._slot = self._units = None
+        self._slot = self._units = self._sources = None
         if self.index.nlist == 1:  # exact index: full search stays exact
             return
         distinct = torch.unique(sources)
@@ -181,8 +201,8 @@ class IndexedBank:
         # many times more lists (at most ``select`` queries: cheap)
         probe = min(self.index.nlist, LOCAL_DEPTH * self._options(k).get(
             "nprobe", self.index.nprobe_for(k)))
-        _, ids = self.index.search(self.rows(distinct), depth,
-                                   **{**self._options(k), "nprobe": probe})
+        raw = self.rows(distinct)
+        _, ids = self.index.search(raw, depth, **{**self._options(k), "nprobe": probe})
         found = np.unique(ids[ids >= 0])
         units = F.normalize(torch.from_numpy(read_rows(self.store, found)), dim=-1)
         # a missing neighbour (-1: the probed lists ran short) is the antipode of a row
@@ -191,6 +211,7 @@ class IndexedBank:
             np.where(ids >= 0, np.searchsorted(found, ids), found.size))]  # (u, depth, D)
         self._slot = torch.full((self.n,), -1, dtype=torch.int64)
         self._slot[distinct] = torch.arange(distinct.numel())
+        self._sources = raw  # read once, not once per candidate batch
 
     def candidate_kth(self, v: torch.Tensor, sources: torch.Tensor, k: int,
                       max_elements: int) -> torch.Tensor:
@@ -201,8 +222,7 @@ class IndexedBank:
             dist = self.index.kth_distance(v.reshape(-1, self.dim), k, **self._options(k))
             return torch.from_numpy(np.ascontiguousarray(dist, dtype=np.float32)
                                     ).view(v.shape[:2])
-        assert self._slot is not None  # set together with self._units
-        near = self._units[self._slot[sources]]
+        near = self.neighbourhood(sources)
         # the k-th largest of v.x / |v| is the k-th largest v.x over |v|: no unit copy of v
         sim = kth_similarity(v, near, k, max_elements=max_elements)
         return similarity_to_distance(sim.div_(v.norm(dim=-1).clamp_min_(1e-12)))

@@ -50,7 +50,9 @@ import torch
 
 from npos.knn.index import KnnIndex
 from npos.knn.ivf import KnnCache
-from npos.knn.kth import DEFAULT_MEMORY_BUDGET, thread_pool
+from npos.knn.kth import (DEFAULT_MEMORY_BUDGET, kth_largest_, similarity_to_distance,
+                          thread_pool)
+from npos.knn.store_index_lists import one_torch_thread
 from npos.synthesize.bank_search import IndexedBank, MemoryBank
 from npos.synthesize.config import SynthesisConfig
 from npos.synthesize.engine import _finish, _perturb
@@ -177,10 +179,52 @@ def _draw_noise(js: range, shape: tuple[int, int], seed: int, key: int) -> torch
     return noise
 
 
+def _one_source(center: torch.Tensor, near: torch.Tensor, j: int, cfg: SynthesisConfig,
+                seed: int, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidates around one raw ``center`` (D,), scored against the unit rows ``near``
+    (depth, D) of its neighbourhood: (kept outliers (keep, D), their distances, candidate
+    distances (m,)). The noise is source j's (:func:`_draw_noise`'s stream). Candidate
+    ``v = c + sigma eps`` (``c``: the unit source for ``sphere``, the raw row for ``raw``,
+    as :func:`~npos.synthesize.engine._perturb`) is never formed: with ``p = eps @ [near;
+    c].T``, ``v.x = c.x + sigma p_x`` and ``|v|^2 = |c|^2 + 2 sigma p_c + sigma^2 |eps|^2``,
+    so the noise matrix is written once, read by one product and one norm, in cache."""
+    sigma = cfg.resolved_sigma
+    eps = torch.randn((cfg.candidates, center.numel()), generator=seeded(seed, key, j))
+    scale = None
+    c = center
+    if cfg.noise_space == "sphere":
+        scale = center.norm()
+        c = center / scale.clamp_min(1e-12)
+    p = eps @ torch.cat([near, c[None]]).T  # (m, depth + 1)
+    norm2 = torch.linalg.vector_norm(eps, dim=1).square_().mul_(sigma * sigma)
+    norm2.add_(p[:, -1], alpha=2 * sigma).add_(c.dot(c))
+    sims = p[:, :-1].mul_(sigma).add_(near @ c).div_(norm2.sqrt_().clamp_min_(1e-12)[:, None])
+    cand = similarity_to_distance(kth_largest_(sims.contiguous(), cfg.k))
+    kept_d, kept = cand.topk(cfg.keep)
+    v = eps[kept].mul_(sigma).add_(c)  # the engine's candidate vectors, for the kept only
+    return (v if scale is None else _finish(v, scale)), kept_d, cand
+
+
+def _score_locally(bank, src, js, cfg, seed, key):
+    """:func:`_score_sources` for a bank that scores candidates in their source's
+    neighbourhood (:meth:`IndexedBank.neighbourhood`): one source per single-threaded
+    worker (:func:`~npos.knn.store_index_lists.one_torch_thread`), so each source's noise
+    stays in cache and no result depends on the thread count or the batch."""
+    centers, near = bank.rows(src), bank.neighbourhood(src)
+    workers = max(1, min(len(js), torch.get_num_threads()))
+    with one_torch_thread():
+        parts = list(thread_pool(workers).map(
+            lambda i: _one_source(centers[i], near[i], js[i], cfg, seed, key), range(len(js))))
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+            torch.stack([p[2] for p in parts]))
+
+
 def _score_sources(bank, src, js, cfg, seed, key, max_elements):
     """Candidates around the bank rows ``src`` (s,) (noise of source j from
     ``seeded(seed, key, j)``), scored against the bank: (kept outliers (s*keep, D), their
     distances, candidate distances (s, m))."""
+    if bank.scores_locally:
+        return _score_locally(bank, src, js, cfg, seed, key)
     centers = bank.rows(src)
     s, dim = centers.shape
     noise = _draw_noise(js, (cfg.candidates, dim), seed, key).to(bank.device)
