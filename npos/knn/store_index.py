@@ -240,6 +240,8 @@ class StoreIndex:
                 "nprobe": {str(k): v for k, v in sorted(self._nprobe.items())},
                 "recall": {str(k): round(v, 4) for k, v in sorted(self._recall.items())},
                 "list_probe": {str(k): v for k, v in sorted(self._list_probe.items())},
+                "list_recall": {str(k): round(float(v), 4)
+                                for k, v in sorted(meta.get("list_recall", {}).items())},
                 "target_recall": meta["target_recall"], "heldout": meta["heldout"],
                 "size_bytes": self.size_bytes, "built": meta["created"],
                 "build_seconds": meta.get("build_seconds")}
