@@ -42,6 +42,7 @@ index and one block.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +180,20 @@ def _draw_noise(js: range, shape: tuple[int, int], seed: int, key: int) -> torch
     return noise
 
 
+#: Per-thread scratch tensors of :func:`_one_source`, reused from source to source. Why:
+#: fresh multi-megabyte blocks per source, freed on worker threads, fragmented glibc's
+#: per-thread heaps: peak RSS grew by ~0.1 MB per source (+3.6 GB for 50,000 sources at 1M
+#: rows, measured); with the blocks reused it stays flat.
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    tensors = _SCRATCH.__dict__.setdefault("tensors", {})
+    if name not in tensors or tensors[name].shape != shape:
+        tensors[name] = torch.empty(shape)
+    return tensors[name]
+
+
 def _one_source(center: torch.Tensor, near: torch.Tensor, j: int, cfg: SynthesisConfig,
                 seed: int, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidates around one raw ``center`` (D,), scored against the unit rows ``near``
@@ -188,18 +203,20 @@ def _one_source(center: torch.Tensor, near: torch.Tensor, j: int, cfg: Synthesis
     as :func:`~npos.synthesize.engine._perturb`) is never formed: with ``p = eps @ [near;
     c].T``, ``v.x = c.x + sigma p_x`` and ``|v|^2 = |c|^2 + 2 sigma p_c + sigma^2 |eps|^2``,
     so the noise matrix is written once, read by one product and one norm, in cache."""
-    sigma = cfg.resolved_sigma
-    eps = torch.randn((cfg.candidates, center.numel()), generator=seeded(seed, key, j))
+    sigma, m, depth = cfg.resolved_sigma, cfg.candidates, near.shape[0]
+    eps = torch.randn((m, center.numel()), generator=seeded(seed, key, j),
+                      out=_scratch("eps", (m, center.numel())))
     scale = None
     c = center
     if cfg.noise_space == "sphere":
         scale = center.norm()
         c = center / scale.clamp_min(1e-12)
-    p = eps @ torch.cat([near, c[None]]).T  # (m, depth + 1)
+    p = torch.mm(eps, torch.cat([near, c[None]]).T, out=_scratch("p", (m, depth + 1)))
     norm2 = torch.linalg.vector_norm(eps, dim=1).square_().mul_(sigma * sigma)
     norm2.add_(p[:, -1], alpha=2 * sigma).add_(c.dot(c))
-    sims = p[:, :-1].mul_(sigma).add_(near @ c).div_(norm2.sqrt_().clamp_min_(1e-12)[:, None])
-    cand = similarity_to_distance(kth_largest_(sims.contiguous(), cfg.k))
+    sims = _scratch("sims", (m, depth)).copy_(p[:, :-1])
+    sims.mul_(sigma).add_(near @ c).div_(norm2.sqrt_().clamp_min_(1e-12)[:, None])
+    cand = similarity_to_distance(kth_largest_(sims, cfg.k))
     kept_d, kept = cand.topk(cfg.keep)
     v = eps[kept].mul_(sigma).add_(c)  # the engine's candidate vectors, for the kept only
     return (v if scale is None else _finish(v, scale)), kept_d, cand

@@ -93,3 +93,37 @@ def test_ivf_index_scores_candidates_in_the_source_neighbourhood(tmp_path, make_
     assert (local >= exact - 1e-4).all()  # a missed row can only lengthen d_K
     top_local, top_exact = local.topk(2, dim=1).indices, exact.topk(2, dim=1).indices
     assert (top_local.sort().values == top_exact.sort().values).float().mean() >= 0.95
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_with_an_ivf_index(tmp_path, make_store, rng):
+    """The list-by-list every-row pass (lists shared by the ranks) and the per-source
+    candidate workers: 2 processes write exactly what one does."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from npos.store import FeatureStore
+
+    centres = rng.normal(size=(20, 32))
+    x = centres[rng.integers(0, 20, 3000)] + 0.7 * rng.normal(size=(3000, 32))
+    store = make_store(tmp_path / "ivf.zarr", x, None, chunk_rows=256, dtype="float16")
+    assert build_store_index(store, ks=(8,), device="cpu").nlist > 1
+    args = ["synthesize", store.url, "--scope", "global", "--count", "40", "--k", "8",
+            "--select", "20", "--candidates", "50", "--seed", "2"]
+    one = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "one.zarr")])
+    assert one.exit_code == 0, one.output
+    assert "store-index" in one.output
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "npos", *args, "--out", str(tmp_path / "two.zarr")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = FeatureStore.open(str(tmp_path / "one.zarr"))
+    b = FeatureStore.open(str(tmp_path / "two.zarr"))
+    for name in ("embeddings", "labels", "knn_distance", "ids"):
+        np.testing.assert_array_equal(a.read(name), b.read(name))
