@@ -56,7 +56,7 @@ class ListLayout:
     def __init__(self, index: Any) -> None:
         import faiss
 
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))  # the concrete class
+        ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))  # the concrete class
         self._ivf, self._lists = ivf, ivf.invlists
         self.nlist, self.dim = int(ivf.nlist), int(ivf.d)
         self.sizes = np.array([self._lists.list_size(i) for i in range(self.nlist)],

@@ -12,8 +12,9 @@ small interface, so the engine code is one path:
 
 Both give: ``n``, ``dim``, ``backend``, ``device``; :meth:`query_block` (bank rows per
 search call under a budget), :meth:`kth_of_rows` (``d_K`` of bank rows ``start..stop``
-against the *other* bank rows), :meth:`pass_lists` (IVF lists of a list-by-list every-row
-pass, :meth:`IndexedBank.kth_of_lists`; 0: none), :meth:`rows` (float32 rows at bank positions),
+against the *other* bank rows), :meth:`IndexedBank.pass_lists` (IVF lists of a
+list-by-list every-row pass, :meth:`IndexedBank.kth_of_lists`; 0: none; a memory bank is
+searched in row blocks), :meth:`rows` (float32 rows at bank positions),
 :meth:`prepare` (once the sources are known) and :meth:`candidate_kth` (``d_K`` of the
 candidates drawn around each source, against the bank).
 
@@ -83,10 +84,6 @@ class MemoryBank:
         own = ids.cpu() == torch.arange(start, stop)[:, None]
         early = own[:, :k].any(dim=1)
         return torch.where(early, dist.cpu()[:, k], dist.cpu()[:, k - 1])
-
-    def pass_lists(self, memory_budget: int) -> int:
-        """No list-by-list pass: the in-memory index is searched row block by row block."""
-        return 0
 
     #: Candidates are searched against the whole bank (:meth:`candidate_kth`).
     scores_locally = False
@@ -177,6 +174,11 @@ class IndexedBank:
         (prepared)."""
         assert self._units is not None and self._slot is not None  # see prepare
         return self._units[self._slot[sources]]
+
+    def neighbours(self, position: int) -> torch.Tensor:
+        """(depth, D) unit rows of the neighbourhood of one prepared source (a view)."""
+        assert self._units is not None and self._slot is not None  # see prepare
+        return self._units[int(self._slot[position])]
 
     def rows(self, positions: torch.Tensor) -> torch.Tensor:
         if self._sources is not None:  # the prepared sources: no store read

@@ -108,8 +108,7 @@ def bank_kth_distance(bank: Bank, k: int, *, chunk: int, ranks: Ranks = ONE_PROC
     list when the bank is a whole CPU store index (:meth:`IndexedBank.pass_lists`, the ranks
     sharing the lists), else by searches of ``chunk`` query rows (the ranks sharing them)."""
     n = bank.n
-    lists = bank.pass_lists(memory_budget)
-    if lists:
+    if isinstance(bank, IndexedBank) and (lists := bank.pass_lists(memory_budget)):
         mine = bank.kth_of_lists(ranks.mine(range(lists)), k, memory_budget)
         joined = ranks.merge({ranks.rank: mine})
         out = torch.empty(n)
@@ -211,7 +210,8 @@ def _one_source(center: torch.Tensor, near: torch.Tensor, j: int, cfg: Synthesis
     if cfg.noise_space == "sphere":
         scale = center.norm()
         c = center / scale.clamp_min(1e-12)
-    p = torch.mm(eps, torch.cat([near, c[None]]).T, out=_scratch("p", (m, depth + 1)))
+    w = torch.cat([near, c[None]], out=_scratch("w", (depth + 1, center.numel())))
+    p = torch.mm(eps, w.T, out=_scratch("p", (m, depth + 1)))
     norm2 = torch.linalg.vector_norm(eps, dim=1).square_().mul_(sigma * sigma)
     norm2.add_(p[:, -1], alpha=2 * sigma).add_(c.dot(c))
     sims = _scratch("sims", (m, depth)).copy_(p[:, :-1])
@@ -224,14 +224,18 @@ def _one_source(center: torch.Tensor, near: torch.Tensor, j: int, cfg: Synthesis
 
 def _score_locally(bank, src, js, cfg, seed, key):
     """:func:`_score_sources` for a bank that scores candidates in their source's
-    neighbourhood (:meth:`IndexedBank.neighbourhood`): one source per single-threaded
+    neighbourhood (:meth:`IndexedBank.neighbours`): one source per single-threaded
     worker (:func:`~npos.knn.store_index_lists.one_torch_thread`), so each source's noise
     stays in cache and no result depends on the thread count or the batch."""
-    centers, near = bank.rows(src), bank.neighbourhood(src)
+    centers = bank.rows(src)
     workers = max(1, min(len(js), torch.get_num_threads()))
+
+    def one(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        near = bank.neighbours(int(src[i]))  # a view: no (s, depth, D) copy per batch
+        return _one_source(centers[i], near, js[i], cfg, seed, key)
+
     with one_torch_thread():
-        parts = list(thread_pool(workers).map(
-            lambda i: _one_source(centers[i], near[i], js[i], cfg, seed, key), range(len(js))))
+        parts = list(thread_pool(workers).map(one, range(len(js))))
     return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
             torch.stack([p[2] for p in parts]))
 
@@ -286,18 +290,26 @@ def synthesize_bank(bank: Bank, config: SynthesisConfig, *, sources: int, key: i
     per_candidate = 12 * bank.dim + 12 * (k + 1)
     per = max(1, min(sources, memory_budget // (2 * config.candidates * per_candidate)))
     max_elements = max(1, memory_budget // 8)
+    # the outputs are allocated once and filled batch by batch: per-batch results kept
+    # between the batches' transient blocks fragmented the heap (peak RSS grew with sources)
+    keep = config.keep
+    outliers, distance = torch.empty((sources * keep, bank.dim)), torch.empty(sources * keep)
     part = {}
     for s0 in ranks.mine(range(0, sources, per)):
         js = range(s0, min(sources, s0 + per))
         out, kept_d, cand = _score_sources(bank, src[s0:js.stop], js, config, seed, key,
                                            max_elements)
+        outliers[s0 * keep:js.stop * keep].copy_(out)
+        distance[s0 * keep:js.stop * keep].copy_(kept_d)
         # the sources' d_K come from the every-row pass, never recomputed
         outward = int((cand > bank_d[src[s0:js.stop]][:, None]).sum())
-        part[s0] = (out, kept_d, outward)
+        part[s0] = (out, kept_d, outward) if ranks.world > 1 else (None, None, outward)
     merged = ranks.merge(part)
-    starts = range(0, sources, per)
-    outliers = torch.cat([merged[s][0] for s in starts])
-    distance = torch.cat([merged[s][1] for s in starts]).float()
-    outward = sum(merged[s][2] for s in starts) / (sources * config.candidates)
+    for s, (out, kept_d, _) in merged.items():  # other ranks' batches
+        if out is not None:
+            stop = min(sources, s + per)
+            outliers[s * keep:stop * keep].copy_(out)
+            distance[s * keep:stop * keep].copy_(kept_d)
+    outward = sum(merged[s][2] for s in range(0, sources, per)) / (sources * config.candidates)
     return BankOutliers(outliers, distance, src.repeat_interleave(config.keep), bank_d,
                         boundary, outward, bank.backend)
