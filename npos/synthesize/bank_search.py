@@ -20,8 +20,9 @@ candidates drawn around each source, against the bank).
 
 **Candidates against an IVF store index** are scored against their source's neighbourhood:
 the :data:`LOCAL_DEPTH` x K nearest rows of the source (found through the index once per
-distinct source; there are at most ``select``), exactly, by one batched matrix product per
-batch of sources. Why: a candidate lies at distance ~``sigma sqrt(D)`` from its source
+distinct source; there are at most ``select``), exactly, by one matrix product per source
+(:func:`npos.synthesize.scale._score_locally`; :meth:`IndexedBank.candidate_kth` does the
+same for given candidate vectors). Why: a candidate lies at distance ~``sigma sqrt(D)`` from its source
 (0.22 at the sphere default, D = 512), its noise nearly orthogonal to every row, so its K
 nearest rows are among the source's nearest few K; and a full index search per candidate
 (``candidates`` = 1500 per source) is what made global synthesis cost hours at 1M rows.

@@ -12,6 +12,7 @@ from npos.errors import ParameterError
 from npos.knn import build_store_index
 from npos.synthesize import SynthesisConfig
 from npos.synthesize.offline import synthesize_store
+
 CFG = SynthesisConfig(k=8, select=20, pick=3, candidates=40, keep=2, backend="torch")
 
 
@@ -96,17 +97,11 @@ def test_ivf_index_scores_candidates_in_the_source_neighbourhood(tmp_path, make_
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one_with_an_ivf_index(tmp_path, make_store, rng):
+def test_torchrun_two_processes_equal_one_with_an_ivf_index(tmp_path, make_store, rng,
+                                                            torchrun_pair):
     """The list-by-list every-row pass (lists shared by the ranks) and the per-source
     candidate workers: 2 processes write exactly what one does."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import numpy as np
-
-    from npos.store import FeatureStore
 
     centres = rng.normal(size=(20, 32))
     x = centres[rng.integers(0, 20, 3000)] + 0.7 * rng.normal(size=(3000, 32))
@@ -114,16 +109,6 @@ def test_torchrun_two_processes_equal_one_with_an_ivf_index(tmp_path, make_store
     assert build_store_index(store, ks=(8,), device="cpu").nlist > 1
     args = ["synthesize", store.url, "--scope", "global", "--count", "40", "--k", "8",
             "--select", "20", "--candidates", "50", "--seed", "2"]
-    one = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "one.zarr")])
-    assert one.exit_code == 0, one.output
-    assert "store-index" in one.output
-    repo = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", "-m", "npos", *args, "--out", str(tmp_path / "two.zarr")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    a = FeatureStore.open(str(tmp_path / "one.zarr"))
-    b = FeatureStore.open(str(tmp_path / "two.zarr"))
+    a, b = torchrun_pair(args, tmp_path)
     for name in ("embeddings", "labels", "knn_distance", "ids"):
         np.testing.assert_array_equal(a.read(name), b.read(name))
