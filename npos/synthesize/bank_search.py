@@ -22,10 +22,11 @@ candidates drawn around each source, against the bank).
 the :data:`LOCAL_DEPTH` x K nearest rows of the source (found through the index once per
 distinct source; there are at most ``select``), exactly, by one matrix product per source
 (:func:`npos.synthesize.scale._score_locally`; :meth:`IndexedBank.candidate_kth` does the
-same for given candidate vectors). Why: a candidate lies at distance ~``sigma sqrt(D)`` from its source
-(0.22 at the sphere default, D = 512), its noise nearly orthogonal to every row, so its K
-nearest rows are among the source's nearest few K; and a full index search per candidate
-(``candidates`` = 1500 per source) is what made global synthesis cost hours at 1M rows.
+same for given candidate vectors). Why: a candidate lies at distance ~``sigma sqrt(D)`` from
+its source (0.22 at the sphere default, D = 512), its noise nearly orthogonal to every row,
+so its K nearest rows are among the source's nearest few K; and a full index search per
+candidate (``candidates`` = 1500 per source) is what made global synthesis cost hours at 1M
+rows.
 Measured on 20,000 clustered rows (K = 50, 40 boundary sources x 1500 candidates): with
 2K neighbours 98.8 % of the kept outliers equal full exact search's (max ``d_K`` error
 0.003); with 4K, 100 % and every ``d_K`` exact, at D = 512 and D = 64. This is an

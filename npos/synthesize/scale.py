@@ -12,8 +12,8 @@ For one *bank* (a class's valid rows, or every valid row of the store):
    faiss-flat, then faiss-ivf at scale);
 2. ``d_K`` of **every** bank row: its K-th nearest *other* row (search K+1, drop the row's own
    id), computed in fixed query chunks; through a whole CPU store index, list by list
-   (:mod:`npos.knn.store_index_lists`: one matrix product per IVF list, 10-20x faster than
-   a search per row);
+   (:mod:`npos.knn.store_index_lists`: one matrix product per IVF list, ~25x faster than a
+   faiss search per row at 1M rows);
 3. boundary: the ``select`` rows with the largest ``d_K``;
 4. sources: ``S`` boundary positions drawn from a seeded permutation of the boundary, cycled
    when ``S > select`` (``--scope class``: ``S = pick`` per class; ``--scope global``:
@@ -25,12 +25,14 @@ For one *bank* (a class's valid rows, or every valid row of the store):
 Randomness: the source permutation of a bank comes from a generator seeded by
 ``(seed, key)`` and the noise of source ``j`` from one seeded by ``(seed, key, j)`` (key: the
 class id, or -1 for the global bank; :func:`seeded`). So no rank has to draw another rank's
-noise, and the output does not depend on the number of processes or on the memory budget.
+noise, and the output does not depend on the number of processes or on the memory budget
+(with a store index's list-by-list pass a smaller budget splits long lists into query blocks,
+which may change ``d_K`` in the last float bits).
 
 Under ``torchrun`` (:class:`Ranks`) the query chunks (or IVF lists) of step 2 and the source
-chunks of step 5
-are dealt round-robin to the ranks and gathered on every rank; chunk sizes depend on the
-budget and the bank, never on the world size, so W processes compute exactly what one does.
+chunks of step 5 are dealt round-robin to the ranks and gathered on every rank; chunk sizes
+depend on the budget and the bank, never on the world size, so W processes compute exactly
+what one does.
 
 Memory: ``--scope class`` streams the store once per *group* of classes whose float32 rows
 fit ``memory_budget`` (never all classes at once); ``--scope global`` without a store index
