@@ -7,7 +7,7 @@ peak RSS (``ru_maxrss``) is its own:
 1. ``build``: :func:`npos.knn.build_store_index` (flat codec, nprobe tuned for recall 0.95
    at K on held-out rows);
 2. ``kth``: the K-th-NN distance of **every** row against all others (own row excluded),
-   streamed block by block through the index;
+   list by list through the index (:meth:`npos.knn.StoreIndex.kth_every_row`);
 3. ``exact``: the baseline measured in the same run, exact ``faiss.IndexFlatL2`` over all rows
    (filled chunk by chunk), searched for the index's held-out rows: recall@K of the IVF
    answer against it, and time per query -> the exact time for every row (extrapolated: the
@@ -16,7 +16,8 @@ peak RSS (``ru_maxrss``) is its own:
    through the store index: its own every-row K-th-NN pass, then ``--candidates`` per
    boundary source scored against the source's neighbourhood;
 5. ``score``: ``npos score`` with ``head,knn`` (a 1000-class RBF head, identity projection so
-   knn uses the index) over every row, peak RSS.
+   knn uses the index) over every row (or, ``--score-rows N``, the first N rows as a store
+   of their own, against the whole store's index), peak RSS.
 
 Goals (issue 13, on a 2-core box): build + kth + outliers <= 10 min (the outliers phase
 repeats the kth pass inside synthesis, so build + outliers is the whole pipeline);
@@ -75,14 +76,11 @@ def phase_kth(a: argparse.Namespace) -> dict:
     store = FeatureStore.open(a.store)
     index = StoreIndex.open(None, store=store)
     t = time.perf_counter()
-    parts = []
-    for batch in store.iter_batches(65536, dtype="float32"):
-        parts.append(index.kth_distance(batch["embeddings"], a.k, exclude_self=True,
-                                        rows=batch["row"]))
-    d_k = np.concatenate(parts)
+    d_k = index.kth_every_row(a.k)  # list by list (npos.knn.store_index_lists)
+    seconds = time.perf_counter() - t
     np.save(a.work / "kth.npy", d_k)
-    return {"seconds": time.perf_counter() - t, "rows": int(len(d_k)),
-            "nprobe": index.nprobe_for(a.k)}
+    return {"seconds": seconds, "rows": int(len(d_k)), "list_probe": index.list_probe_for(a.k),
+            "finite": int(np.isfinite(d_k).sum())}
 
 
 def phase_exact(a: argparse.Namespace) -> dict:
@@ -140,10 +138,16 @@ def phase_score(a: argparse.Namespace) -> dict:
     from feature_world import random_trained_head
 
     store = FeatureStore.open(a.store)
+    scored = store
+    if a.score_rows:  # the store's first rows (same generator and seed) as a store of their
+        from scoring import make_score_store  # own, scored against the whole store's index
+
+        scored = make_score_store(str(a.work / "scored.zarr"), a.score_rows, a.dim, a.classes,
+                                  np.random.default_rng(a.seed))
     head = random_trained_head(store.dim, a.head_classes, fingerprint=store.fingerprint())
     before = _peak_mib()
     t = time.perf_counter()
-    summary = score_store(store, str(a.work / "scores.zarr"), head=head, train=store,
+    summary = score_store(scored, str(a.work / "scores.zarr"), head=head, train=store,
                           scores="head,knn", knn_k=a.k, device="cpu", overwrite=True)
     return {"seconds": time.perf_counter() - t, "rows": summary.rows,
             "peak_before_mib": before}
@@ -185,6 +189,10 @@ def main() -> None:
                    help="global outliers (0: skip that phase)")
     p.add_argument("--candidates", type=int, default=1500, help="per boundary source (paper)")
     p.add_argument("--head-classes", type=int, default=1000)
+    p.add_argument("--score-rows", type=int, default=0,
+                   help="score the store's first N rows (a store of their own) against the "
+                        "whole store's index instead of every row (peak RSS does not grow "
+                        "with the rows scored)")
     p.add_argument("--skip", default="", help="comma-separated phases to leave out")
     p.add_argument("--codec", default="flat")
     p.add_argument("--budget", type=int, default=1 << 30, help="index build memory budget")
@@ -215,6 +223,8 @@ def report(a: argparse.Namespace, r: dict) -> None:
           f"{r['baseline']['peak_mib']:,.0f} MiB")
     b, k, e, o, s = r["build"], r["kth"], r["exact"], r["outliers"], r["score"]
     base = r["baseline"]["peak_mib"]
+    if "nlist" not in b:  # a build from an earlier run (--skip build): its numbers are there
+        b = {**b, "nlist": "?", "nprobe": "?", "recall": "?", "size_bytes": 0, "seconds": 0.0}
     print("| phase | seconds | peak RSS MiB | above imports MiB | peak / float32 size |")
     print("|---|---:|---:|---:|---:|")
     for name in ("generate", "build", "kth", "exact", "outliers", "score"):
@@ -227,7 +237,8 @@ def report(a: argparse.Namespace, r: dict) -> None:
         print(f"| {name} | {secs} | {x['peak_mib']:,.0f} | {x['peak_mib'] - base:,.0f} | "
               f"{x['peak_mib'] / f32_mib:.2f} |")
     print(f"\nindex: nlist {b['nlist']}, nprobe {b['nprobe']}, held-out recall {b['recall']}, "
-          f"{b['size_bytes'] / 2**20:,.0f} MiB")
+          f"every-row pass list probe {b.get('list_probe')}, its held-out recall "
+          f"{b.get('list_recall')}, {b['size_bytes'] / 2**20:,.0f} MiB")
     if "seconds" in o:  # synthesis runs its own every-row pass
         print(f"build + global synthesis (every-row kth + outliers): "
               f"{b['seconds'] + o['seconds']:,.1f} s (goal <= 600 s)")
@@ -238,11 +249,12 @@ def report(a: argparse.Namespace, r: dict) -> None:
               f"{e['all_rows_seconds']:,.0f} s; IVF kth of every row {k['seconds']:,.1f} s: "
               f"{e['all_rows_seconds'] / k['seconds']:.1f}x faster (goal >= 5x); per query "
               f"{e['per_query_s'] / e['ivf_per_query_s']:.1f}x")
-        print(f"peak RSS build/kth vs float32 size: {b['peak_mib'] / f32_mib:.2f} / "
-              f"{k['peak_mib'] / f32_mib:.2f} (goal <= 2)")
+        print(f"peak RSS build/kth/outliers vs float32 size: "
+              f"{b.get('peak_mib', 0) / f32_mib:.2f} / {k['peak_mib'] / f32_mib:.2f} / "
+              f"{o.get('peak_mib', 0) / f32_mib:.2f} (goal <= 2)")
     if "seconds" in s:
-        print(f"score head,knn ({a.head_classes}-class RBF head): {s['seconds']:,.1f} s, peak "
-              f"RSS {s['peak_mib']:,.0f} MiB (goal <= 3072)")
+        print(f"score head,knn ({a.head_classes}-class RBF head, {s['rows']:,} rows): "
+              f"{s['seconds']:,.1f} s, peak RSS {s['peak_mib']:,.0f} MiB (goal <= 3072)")
 
 
 if __name__ == "__main__":

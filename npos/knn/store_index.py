@@ -13,7 +13,8 @@ the ``knn`` score (``evaluate``/``score --index``) and offered to synthesis and 
 * ``index.faiss``: the CPU index (``faiss.write_index``), ``IndexIVFFlat`` or
   ``IndexIVFScalarQuantizer``;
 * ``meta.json``: format, the store's URL, fingerprint, row count and content stamp; nlist,
-  codec, nprobe and measured recall per k, build settings and timings;
+  codec, nprobe and measured recall per k, the list probe of the every-row pass per k
+  (:mod:`npos.knn.store_index_lists`), build settings and timings;
 * ``rows.npy``: the indexed store rows (int64, ascending), i.e. valid rows -> store row;
 * ``heldout.npy``: the held-out query rows (int64) nprobe was tuned on;
 * ``queries.npy``: their unit vectors (float32), so later k are tuned without the store;
@@ -68,10 +69,13 @@ def _unit(x: Any) -> np.ndarray:
     """(n, D) numpy/torch -> C-contiguous float32 unit rows (a new array)."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
-    x = np.array(x, dtype=np.float32, copy=True, ndmin=2)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x /= np.maximum(norms, 1e-12)
-    return np.ascontiguousarray(x)
+    x = np.array(x, dtype=np.float32, copy=True, ndmin=2, order="C")
+    if x.size:  # torch's norm: numpy's builds an (n, D) square first (5x slower)
+        import torch
+
+        t = torch.from_numpy(x)
+        t.div_(torch.linalg.vector_norm(t, dim=1, keepdim=True).clamp_min_(1e-12))
+    return x
 
 
 def store_stamp(store: Any) -> str:
@@ -140,6 +144,7 @@ class StoreIndex:
         self.on_gpu = on_gpu
         self._nprobe = {int(k): int(v) for k, v in meta["nprobe"].items()}
         self._recall = {int(k): float(v) for k, v in meta["recall"].items()}
+        self._list_probe = {int(k): int(v) for k, v in meta.get("list_probe", {}).items()}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -234,6 +239,9 @@ class StoreIndex:
                 "dim": self.dim, "codec": meta["codec"], "nlist": self.nlist,
                 "nprobe": {str(k): v for k, v in sorted(self._nprobe.items())},
                 "recall": {str(k): round(v, 4) for k, v in sorted(self._recall.items())},
+                "list_probe": {str(k): v for k, v in sorted(self._list_probe.items())},
+                "list_recall": {str(k): round(float(v), 4)
+                                for k, v in sorted(meta.get("list_recall", {}).items())},
                 "target_recall": meta["target_recall"], "heldout": meta["heldout"],
                 "size_bytes": self.size_bytes, "built": meta["created"],
                 "build_seconds": meta.get("build_seconds")}
@@ -258,6 +266,31 @@ class StoreIndex:
             self._nprobe[k], self._recall[k] = tune_nprobe(
                 self, queries, heldout, truth, k, self.meta["target_recall"])
         return self._nprobe[k]
+
+    def list_probe_for(self, k: int) -> int:
+        """Lists scored per list by the every-row pass (:meth:`kth_every_row`) for depth
+        ``k``: tuned at build time, or now on the stored held-out rows."""
+        if k not in self._list_probe:
+            from npos.knn.store_index_lists import tune_list_probe
+
+            self.nprobe_for(k)  # the same depth checks
+            held = np.load(Path(self.path, HELDOUT_FILE), allow_pickle=False)
+            truth = np.load(Path(self.path, TRUTH_FILE), allow_pickle=False)
+            self._list_probe[k], _ = tune_list_probe(self, held, truth, k,
+                                                     self.meta["target_recall"])
+        return self._list_probe[k]
+
+    def kth_every_row(self, k: int, **options: Any) -> np.ndarray:
+        """Distance of every indexed row to its k-th nearest *other* indexed row, shape (n,),
+        aligned with :attr:`rows`, computed list by list
+        (:func:`~npos.knn.store_index_lists.list_kth_distance`, CPU index; ``options`` go
+        there)."""
+        from npos.knn.store_index_lists import list_kth_distance
+
+        rows, dist = list_kth_distance(self, k, **options)
+        out = np.empty(self.n, np.float32)
+        out[np.searchsorted(self.rows, rows)] = dist
+        return out
 
     def _search_unit(self, unit: np.ndarray, k: int, nprobe: int, selector: Any = None,
                      ) -> tuple[np.ndarray, np.ndarray]:

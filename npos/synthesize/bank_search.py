@@ -12,17 +12,21 @@ small interface, so the engine code is one path:
 
 Both give: ``n``, ``dim``, ``backend``, ``device``; :meth:`query_block` (bank rows per
 search call under a budget), :meth:`kth_of_rows` (``d_K`` of bank rows ``start..stop``
-against the *other* bank rows), :meth:`rows` (float32 rows at bank positions),
+against the *other* bank rows), :meth:`IndexedBank.pass_lists` (IVF lists of a
+list-by-list every-row pass, :meth:`IndexedBank.kth_of_lists`; 0: none; a memory bank is
+searched in row blocks), :meth:`rows` (float32 rows at bank positions),
 :meth:`prepare` (once the sources are known) and :meth:`candidate_kth` (``d_K`` of the
 candidates drawn around each source, against the bank).
 
 **Candidates against an IVF store index** are scored against their source's neighbourhood:
 the :data:`LOCAL_DEPTH` x K nearest rows of the source (found through the index once per
-distinct source; there are at most ``select``), exactly, by one batched matrix product per
-batch of sources. Why: a candidate lies at distance ~``sigma sqrt(D)`` from its source
-(0.22 at the sphere default, D = 512), its noise nearly orthogonal to every row, so its K
-nearest rows are among the source's nearest few K; and a full index search per candidate
-(``candidates`` = 1500 per source) is what made global synthesis cost hours at 1M rows.
+distinct source; there are at most ``select``), exactly, by one matrix product per source
+(:func:`npos.synthesize.scale._score_locally`; :meth:`IndexedBank.candidate_kth` does the
+same for given candidate vectors). Why: a candidate lies at distance ~``sigma sqrt(D)`` from
+its source (0.22 at the sphere default, D = 512), its noise nearly orthogonal to every row,
+so its K nearest rows are among the source's nearest few K; and a full index search per
+candidate (``candidates`` = 1500 per source) is what made global synthesis cost hours at 1M
+rows.
 Measured on 20,000 clustered rows (K = 50, 40 boundary sources x 1500 candidates): with
 2K neighbours 98.8 % of the kept outliers equal full exact search's (max ``d_K`` error
 0.003); with 4K, 100 % and every ``d_K`` exact, at D = 512 and D = 64. This is an
@@ -41,6 +45,7 @@ import torch.nn.functional as F
 
 from npos.knn.index import KnnIndex
 from npos.knn.kth import kth_similarity, similarity_to_distance
+from npos.knn.store_index_lists import ListLayout, list_kth_distance
 
 #: Neighbours of a source (x K) its candidates are scored against, with an IVF store index.
 LOCAL_DEPTH = 4
@@ -82,6 +87,9 @@ class MemoryBank:
         early = own[:, :k].any(dim=1)
         return torch.where(early, dist.cpu()[:, k], dist.cpu()[:, k - 1])
 
+    #: Candidates are searched against the whole bank (:meth:`candidate_kth`).
+    scores_locally = False
+
     def rows(self, positions: torch.Tensor) -> torch.Tensor:
         return self.raw[positions.to(self.raw.device)]
 
@@ -115,6 +123,8 @@ class IndexedBank:
         self.among = positions if among else None
         self._units: torch.Tensor | None = None  # see prepare
         self._slot: torch.Tensor | None = None
+        self._layout: ListLayout | None = None  # see pass_lists
+        self._sources: torch.Tensor | None = None  # raw rows of the prepared sources
 
     def _options(self, k: int) -> dict[str, Any]:
         if self.among is None:
@@ -135,7 +145,48 @@ class IndexedBank:
                                        **self._options(k))
         return torch.from_numpy(np.ascontiguousarray(dist, dtype=np.float32))
 
+    def pass_lists(self, memory_budget: int) -> int:
+        """The IVF lists of the every-row pass (:meth:`kth_of_lists`), or 0 when it does not
+        apply: a class (filtered) bank, an index on the GPU (searched there), or quantized
+        lists longer than the budget (each would be decoded for every block of queries)."""
+        if self.among is not None or self.index.on_gpu:
+            return 0
+        if self._layout is None:
+            self._layout = ListLayout(self.index.index)
+        if self.index.meta["codec"] != "flat" and \
+                self._layout.max_list_bytes() > memory_budget // 4:
+            return 0
+        return self._layout.nlist
+
+    def kth_of_lists(self, lists: range, k: int, memory_budget: int,
+                     ) -> tuple[np.ndarray, torch.Tensor]:
+        """(bank positions, ``d_K``) of the members of IVF ``lists``, list by list."""
+        rows, dist = list_kth_distance(self.index, k, lists=lists, layout=self._layout,
+                                       memory_budget=memory_budget)
+        return np.searchsorted(self.positions, rows), torch.from_numpy(dist)
+
+    @property
+    def scores_locally(self) -> bool:
+        """Candidates are scored in their source's neighbourhood (:meth:`neighbourhood`,
+        set by :meth:`prepare` for an IVF index)."""
+        return self._units is not None
+
+    def neighbourhood(self, sources: torch.Tensor) -> torch.Tensor:
+        """(s, depth, D) unit rows of the neighbourhoods of bank positions ``sources``
+        (prepared)."""
+        assert self._units is not None and self._slot is not None  # see prepare
+        return self._units[self._slot[sources]]
+
+    def neighbours(self, position: int) -> torch.Tensor:
+        """(depth, D) unit rows of the neighbourhood of one prepared source (a view)."""
+        assert self._units is not None and self._slot is not None  # see prepare
+        return self._units[int(self._slot[position])]
+
     def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        if self._sources is not None:  # the prepared sources: no store read
+            slot = self._slot[positions] if self._slot is not None else None
+            if slot is not None and bool((slot >= 0).all()):
+                return self._sources[slot]
         wanted = self.positions[positions.numpy()]
         order = np.argsort(wanted, kind="stable")
         out = np.empty((wanted.size, self.dim), dtype=np.float32)
@@ -145,7 +196,7 @@ class IndexedBank:
     def prepare(self, sources: torch.Tensor, k: int) -> None:
         """With an IVF index: the unit vectors of the :data:`LOCAL_DEPTH` x K nearest rows
         of every distinct source (bank positions ``sources``), searched once."""
-        self._slot = self._units = None
+        self._slot = self._units = self._sources = None
         if self.index.nlist == 1:  # exact index: full search stays exact
             return
         distinct = torch.unique(sources)
@@ -154,8 +205,8 @@ class IndexedBank:
         # many times more lists (at most ``select`` queries: cheap)
         probe = min(self.index.nlist, LOCAL_DEPTH * self._options(k).get(
             "nprobe", self.index.nprobe_for(k)))
-        _, ids = self.index.search(self.rows(distinct), depth,
-                                   **{**self._options(k), "nprobe": probe})
+        raw = self.rows(distinct)
+        _, ids = self.index.search(raw, depth, **{**self._options(k), "nprobe": probe})
         found = np.unique(ids[ids >= 0])
         units = F.normalize(torch.from_numpy(read_rows(self.store, found)), dim=-1)
         # a missing neighbour (-1: the probed lists ran short) is the antipode of a row
@@ -164,6 +215,7 @@ class IndexedBank:
             np.where(ids >= 0, np.searchsorted(found, ids), found.size))]  # (u, depth, D)
         self._slot = torch.full((self.n,), -1, dtype=torch.int64)
         self._slot[distinct] = torch.arange(distinct.numel())
+        self._sources = raw  # read once, not once per candidate batch
 
     def candidate_kth(self, v: torch.Tensor, sources: torch.Tensor, k: int,
                       max_elements: int) -> torch.Tensor:
@@ -174,8 +226,7 @@ class IndexedBank:
             dist = self.index.kth_distance(v.reshape(-1, self.dim), k, **self._options(k))
             return torch.from_numpy(np.ascontiguousarray(dist, dtype=np.float32)
                                     ).view(v.shape[:2])
-        assert self._slot is not None  # set together with self._units
-        near = self._units[self._slot[sources]]
+        near = self.neighbourhood(sources)
         # the k-th largest of v.x / |v| is the k-th largest v.x over |v|: no unit copy of v
         sim = kth_similarity(v, near, k, max_elements=max_elements)
         return similarity_to_distance(sim.div_(v.norm(dim=-1).clamp_min_(1e-12)))

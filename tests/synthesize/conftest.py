@@ -126,3 +126,35 @@ def ref():
     """The reference helpers (test modules cannot import conftest under importlib mode)."""
     return SimpleNamespace(banks=clustered_banks, kth=reference_kth, npos=reference_npos,
                            gaussian=reference_gaussian, vos=reference_vos)
+
+
+@pytest.fixture
+def torchrun_pair():
+    """:func:`synthesize_one_and_two_processes` (a fixture: test modules cannot import
+    conftest)."""
+    return synthesize_one_and_two_processes
+
+
+def synthesize_one_and_two_processes(args, tmp_path):
+    """Run ``npos`` with ``args`` in this process and under ``torchrun`` with 2 processes;
+    the two output stores (one, two)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from npos.cli import cli
+    from npos.store import FeatureStore
+
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
+    one = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "one.zarr")])
+    assert one.exit_code == 0, one.output
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "npos", *args, "--out", str(tmp_path / "two.zarr")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return (FeatureStore.open(str(tmp_path / "one.zarr")),
+            FeatureStore.open(str(tmp_path / "two.zarr")))

@@ -2,10 +2,6 @@
 the documented seeding, budget independence, faiss-ivf recall, torchrun 2 = 1, bad input."""
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +10,6 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from npos.cli import cli
-from npos.store import FeatureStore
 from npos.synthesize import SynthesisConfig
 from npos.synthesize.offline import synthesize_store
 from npos.synthesize.scale import seeded
@@ -138,19 +133,10 @@ def test_bad_input_one_line(labelled, make_store, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one_global(labelled, tmp_path):
+def test_torchrun_two_processes_equal_one_global(labelled, tmp_path, torchrun_pair):
     args = ["synthesize", labelled.url, "--scope", "global", "--count", "40", "--k", "8",
             "--select", "20", "--candidates", "50", "--memory-budget", "64KiB", "--seed", "2"]
-    repo = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
-    one = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "one.zarr")])
-    assert one.exit_code == 0, one.output
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", "-m", "npos", *args, "--out", str(tmp_path / "two.zarr")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    a = FeatureStore.open(str(tmp_path / "one.zarr"))
-    b = FeatureStore.open(str(tmp_path / "two.zarr"))
+    a, b = torchrun_pair(args, tmp_path)
     for name in ("embeddings", "labels", "knn_distance", "ids"):
         np.testing.assert_array_equal(a.read(name), b.read(name))
     assert a.n_rows == 40

@@ -12,6 +12,7 @@ from npos.errors import ParameterError
 from npos.knn import build_store_index
 from npos.synthesize import SynthesisConfig
 from npos.synthesize.offline import synthesize_store
+
 CFG = SynthesisConfig(k=8, select=20, pick=3, candidates=40, keep=2, backend="torch")
 
 
@@ -93,3 +94,21 @@ def test_ivf_index_scores_candidates_in_the_source_neighbourhood(tmp_path, make_
     assert (local >= exact - 1e-4).all()  # a missed row can only lengthen d_K
     top_local, top_exact = local.topk(2, dim=1).indices, exact.topk(2, dim=1).indices
     assert (top_local.sort().values == top_exact.sort().values).float().mean() >= 0.95
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_with_an_ivf_index(tmp_path, make_store, rng,
+                                                            torchrun_pair):
+    """The list-by-list every-row pass (lists shared by the ranks) and the per-source
+    candidate workers: 2 processes write exactly what one does."""
+    import numpy as np
+
+    centres = rng.normal(size=(20, 32))
+    x = centres[rng.integers(0, 20, 3000)] + 0.7 * rng.normal(size=(3000, 32))
+    store = make_store(tmp_path / "ivf.zarr", x, None, chunk_rows=256, dtype="float16")
+    assert build_store_index(store, ks=(8,), device="cpu").nlist > 1
+    args = ["synthesize", store.url, "--scope", "global", "--count", "40", "--k", "8",
+            "--select", "20", "--candidates", "50", "--seed", "2"]
+    a, b = torchrun_pair(args, tmp_path)
+    for name in ("embeddings", "labels", "knn_distance", "ids"):
+        np.testing.assert_array_equal(a.read(name), b.read(name))
