@@ -173,7 +173,8 @@ class RbfHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N,) logit, higher = closer to a centre = more in-distribution."""
-        # Always float32: ‖a‖² + ‖b‖² - 2a·b cancels badly in bfloat16 under autocast.
+        # Always float32: ‖a‖² + ‖b‖² - 2a·b cancels badly in bfloat16 under autocast. (The
+        # CPU's --amp rounds only the product's inputs: float32 results, ~2e-4 off.)
         with torch.autocast(device_type=h.device.type, enabled=False):
             hn = F.normalize(h.float(), dim=-1)
             return rbf_logsumexp(hn, self.centres.float(), self.log_width) + self.bias
