@@ -5,20 +5,22 @@ The cache is generated (:func:`benchmarks.feature_world.make_feature_world`): 10
 OOD sets. The sweep is a 12-point grid (``sigma`` x ``method`` x ``ood-weight``, plus the
 ablation row) x 3 seeds with ``--id-loss none``, 5 epochs and offline outliers, at the
 default (paper) synthesis sizes, run through the real command. Then the same points are
-timed through the per-step online path (``train_head`` without ``--outliers``: synthesis on
-the queues every step) for ``--online-points`` points and ``--online-epochs`` epochs, and
-extrapolated to the grid (per point: epoch time x epochs x seeds).
+timed through the per-step online path (the same objective without ``--outliers``: queues
+full, synthesis every step) for ``--online-points`` points over ``--online-steps`` steps, and
+extrapolated to the grid (per run: seconds per step x steps per epoch x epochs).
 
 Usage::
 
     python -m benchmarks.sweep                     # full shape (goal: <= 15 min on 2 cores)
     python -m benchmarks.sweep --classes 20        # a quick check on a busy box
+    python -m benchmarks.sweep --outliers-per-step 256   # one ID batch of outliers per step
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import tempfile
@@ -36,40 +38,45 @@ def make_cache(root: Path, classes: int, rows: int, dim: int) -> dict[str, str]:
     return write_world(world, root, chunk_rows=8192)
 
 
-def run_sweep(urls: dict[str, str], out: Path, *, epochs: int, seeds: int, jobs: int) -> float:
+def run_sweep(urls: dict[str, str], out: Path, *, epochs: int, seeds: int, jobs: int,
+              extra: list[str]) -> float:
     from npos.cli import cli
 
     args = ["sweep", urls["train"], "--val-id", urls["test"],
             "--val-ood", f"held-out={urls['ood/held-out']}",
             "--val-ood", f"off-manifold={urls['ood/off-manifold']}",
             "--grid", GRID, "--id-loss", "none", "--epochs", str(epochs), "--seeds", str(seeds),
-            "--jobs", str(jobs), "--device", "cpu", "--out", str(out)]
+            "--jobs", str(jobs), "--device", "cpu", "--out", str(out), *extra]
     start = time.perf_counter()
     cli.main(args, standalone_mode=False)
     return time.perf_counter() - start
 
 
 def time_online(urls: dict[str, str], out: Path, *, points: int,
-                epochs: int) -> list[tuple[float, float]]:
-    """``(first epoch s, last epoch s)`` of the same points trained with per-step online
-    synthesis. The first epoch fills the queues (synthesis starts once every class has
-    ``queue`` rows, late in the epoch); from the second on every step synthesizes."""
-    from npos.sweep.run import head_config, point_id
-    from npos.train_head import train_head
+                steps: int) -> list[float]:
+    """Seconds per step of the same points trained with per-step online synthesis (queues
+    full, synthesis on every step: the steady state from the second epoch on), timed over
+    ``steps`` steps by :func:`benchmarks.train_head.time_mode` on the sweep's training rows.
+    A whole online epoch at the full shape is ~10 minutes on 2 cores, so it is extrapolated."""
+    import torch
 
+    from benchmarks.train_head import time_mode
+    from npos.store import FeatureStore
+    from npos.sweep.run import head_config
+
+    store = FeatureStore.open(urls["train"])
+    z = store.read("embeddings", as_torch=True).float()
+    y = store.read("labels", as_torch=True).long()
+    text = store.read_extra("text_embeddings", as_torch=True).float()
     doc = json.loads((out / "sweep.json").read_text())
     chosen = [p for p in doc["points"] if p["ood_weight"] > 0][:points]
     measured = []
     for p in chosen:
         point = {k: v for k, v in p.items() if k != "point_id"}
-        config = head_config({**point, "epochs": epochs}, 0)
-        result = train_head(urls["train"], str(out / "online" / point_id(point)), config,
-                            device="cpu", overwrite=True)
-        first, last = result.history[0], result.history[-1]
-        print(f"  online {point_id(point)}: epoch seconds "
-              + ", ".join(f"{h['seconds']:.1f} ({h['synth_steps']} synthesis steps)"
-                          for h in result.history))
-        measured.append((first["seconds"], last["seconds"]))
+        r = time_mode(z, y, text, head_config(point, 0), steps, torch.device("cpu"))
+        print(f"  online {p['point_id']}: {r['total']:.2f} s per step "
+              f"(synthesis {r['synthesis']:.2f} s)")
+        measured.append(r["total"])
     return measured
 
 
@@ -81,9 +88,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--online-points", type=int, default=1)
-    parser.add_argument("--online-epochs", type=int, default=2,
-                        help="2+: the last epoch synthesizes every step (the steady state)")
+    parser.add_argument("--online-points", type=int, default=1,
+                        help="points timed through per-step online synthesis (0: skip)")
+    parser.add_argument("--online-steps", type=int, default=5,
+                        help="steps timed per online point (extrapolated to the epochs)")
+    parser.add_argument("--outliers-per-step", type=int, default=None,
+                        help="passed to the sweep (default: train-head's)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse the cache and finished sweep in --dir (online part only)")
     parser.add_argument("--dir", help="work folder (default: a temporary one)")
@@ -98,7 +108,10 @@ def main() -> None:
         urls = make_cache(root / "cache", args.classes, args.rows, args.dim)
         print(f"cache: {args.classes} classes x {args.rows} rows x {args.dim} "
               f"({time.perf_counter() - start:.0f} s to generate)")
-        total = run_sweep(urls, out, epochs=args.epochs, seeds=args.seeds, jobs=args.jobs)
+        extra = ([] if args.outliers_per_step is None
+                 else ["--outliers-per-step", str(args.outliers_per_step)])
+        total = run_sweep(urls, out, epochs=args.epochs, seeds=args.seeds, jobs=args.jobs,
+                          extra=extra)
     records = [json.loads(p.read_text()) for p in (out / "points").glob("*.json")]
     synth = [r for r in records if r["point"]["ood_weight"] > 0]
     per_run = sum(sum(r["seconds"].values()) for r in synth) / len(synth)
@@ -114,15 +127,18 @@ def main() -> None:
     print("per synthesis run (one seed): " + ", ".join(f"{k} {v:.2f} s"
                                                        for k, v in stages.items())
           + f" = {per_run:.2f} s")
-    online = time_online(urls, out, points=args.online_points, epochs=args.online_epochs)
-    first = sum(f for f, _ in online) / len(online)
-    steady = sum(last for _, last in online) / len(online)
-    online_run = first + steady * (args.epochs - 1) + stages["evaluation"]
+    if args.online_points <= 0:
+        return
+    online = time_online(urls, out, points=args.online_points, steps=args.online_steps)
+    steps_per_epoch = math.ceil(args.classes * args.rows / 256)
+    online_run = sum(online) / len(online) * steps_per_epoch * args.epochs + stages["evaluation"]
     grid_online = online_run * len(synth) + (total - per_run * len(synth))
-    print(f"online per-step synthesis: first epoch {first:.1f} s (queues filling), then "
-          f"{steady:.1f} s per epoch (measured on {len(online)} point(s)) -> {online_run:.1f} s "
-          f"per run vs {per_run:.1f} s offline; grid extrapolated {grid_online:.0f} s "
-          f"({grid_online / 60:.1f} min): offline is {grid_online / total:.1f}x faster")
+    print(f"online per-step synthesis: {sum(online) / len(online):.2f} s per step (measured on "
+          f"{len(online)} point(s), {args.online_steps} steps each) -> {online_run:.0f} s per "
+          f"run vs {per_run:.1f} s offline (every step of every epoch synthesizing: the first "
+          f"epoch, which fills the queues, is cheaper); grid extrapolated {grid_online:.0f} s "
+          f"({grid_online / 60:.1f} min): offline is {grid_online / total:.0f}x faster")
+
 
 if __name__ == "__main__":
     main()

@@ -45,6 +45,7 @@ from benchmarks.feature_world import make_feature_world
 from npos.synthesize import SynthesisConfig, synthesize
 from npos.train_head import HeadConfig, HeadModel, HeadObjective, run_epoch
 from npos.train_head.data import OutlierDraws
+from npos.train_head.trainer import make_optimizer
 
 PAPER = SynthesisConfig(k=400, select=300, pick=3, candidates=1500, keep=2)
 MODES = {
@@ -78,7 +79,7 @@ def time_mode(z, y, text, config: HeadConfig, steps: int, device: torch.device,
     means = F.normalize(torch.zeros_like(text).index_add_(0, y, F.normalize(z, dim=1)), dim=1)
     objective = HeadObjective(model, config, cider_prototypes=means, device=device, profile=True,
                               offline_outliers=offline)
-    optimizer = torch.optim.AdamW(objective.parameter_groups(config.lr))
+    optimizer = make_optimizer(objective.parameter_groups(config.lr), config)
     if objective.queues is not None:
         for c in range(text.shape[0]):  # fill the queues as the first part of an epoch would
             rows = torch.nonzero(y == c).squeeze(1)[:config.queue]
@@ -91,7 +92,7 @@ def time_mode(z, y, text, config: HeadConfig, steps: int, device: torch.device,
             idx = order[i * config.batch_size:(i + 1) * config.batch_size].to(device)
             yield z_dev[idx], y_dev[idx]
 
-    amp = config.amp and device.type == "cuda"  # as train_head runs it: bf16 autocast on CUDA
+    amp = config.amp  # as train_head runs it: bf16 autocast on CUDA, bf16 inputs on the CPU
     run_epoch(objective, batches(2), optimizer, epoch=0, lr_at=lambda s: 1.0, first_step=0,
               amp=amp)
     # Time whole synthesis periods: the window starts on a synthesis step.

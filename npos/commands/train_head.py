@@ -81,7 +81,8 @@ def _default(name: str):
 @click.option("--seed", type=click.IntRange(min=0), default=_default("seed"), show_default=True)
 @device_option()
 @click.option("--amp/--no-amp", default=_default("amp"), show_default=True,
-              help="bfloat16 autocast on CUDA (no effect on CPU).")
+              help="bfloat16 autocast on CUDA; on CPUs with native bfloat16, bfloat16 "
+              "inputs (float32 results) for the training step's matrix products.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last "
               "finished epoch (OUT.partial/).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing head at --out.")

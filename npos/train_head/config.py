@@ -59,7 +59,9 @@ class HeadConfig:
     seed : int
         Seeds initialization, shuffling and synthesis: same seed, same CPU result.
     amp : bool
-        bfloat16 autocast for the forward pass on CUDA (ignored on CPU).
+        bfloat16 autocast for the forward pass on CUDA; on the CPU, bfloat16 inputs with
+        float32 results for the training step's matrix products where the CPU has native
+        bfloat16 (:func:`npos.device.cpu_matmul_precision`).
     """
 
     epochs: int = 10

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from npos.train_head.config import HEADS, PROJECTIONS
+from npos.train_head.rbf import rbf_logsumexp
 
 
 class Projection(nn.Module):
@@ -46,6 +47,15 @@ class Projection(nn.Module):
             self.fc2 = nn.Linear(dim, dim)
             nn.init.zeros_(self.fc2.weight)
             nn.init.zeros_(self.fc2.bias)
+
+    @torch.no_grad()
+    def is_identity(self) -> bool:
+        """Whether this map is exactly ``h = z`` (as at init), so it may be skipped."""
+        if self.kind == "linear":
+            eye = torch.eye(self.linear.weight.shape[0], device=self.linear.weight.device)
+            return bool(torch.equal(self.linear.weight, eye)
+                        and not self.linear.bias.any())
+        return not (self.fc2.weight.any() or self.fc2.bias.any())
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N, D), un-normalized."""
@@ -163,14 +173,11 @@ class RbfHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N,) logit, higher = closer to a centre = more in-distribution."""
-        # Always float32: ‖a‖² + ‖b‖² - 2a·b cancels badly in bfloat16 under autocast.
+        # Always float32: ‖a‖² + ‖b‖² - 2a·b cancels badly in bfloat16 under autocast. (The
+        # CPU's --amp rounds only the product's inputs: float32 results, ~2e-4 off.)
         with torch.autocast(device_type=h.device.type, enabled=False):
             hn = F.normalize(h.float(), dim=-1)
-            mu = self.centres.float()
-            d2 = (hn.pow(2).sum(-1, keepdim=True) + mu.pow(2).sum(-1)
-                  - 2 * hn @ mu.T).clamp_min(0)
-            return (torch.logsumexp(-d2 / (2 * torch.exp(2 * self.log_width)), dim=-1)
-                    + self.bias)
+            return rbf_logsumexp(hn, self.centres.float(), self.log_width) + self.bias
 
 
 class HeadModel(nn.Module):

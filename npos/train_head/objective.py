@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from npos.device import cpu_matmul_precision
 from npos.errors import ParameterError
 from npos.knn import KnnCache
 from npos.synthesize import ClassQueues, synthesize
@@ -100,8 +101,11 @@ class HeadObjective:
         self.steps = 0
         self._queues_full = False
         self.timings = {"queue": 0.0, "synthesis": 0.0}
+        self._frozen_identity = False
         if config.id_loss == "none":
             self.model.projection.requires_grad_(False)
+            # Frozen at its identity init: skip its D x D product on every row of every step.
+            self._frozen_identity = self.model.projection.is_identity()
 
     def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimizer groups: projection + classifier at ``lr``, the head at ``lr × scale``."""
@@ -142,8 +146,10 @@ class HeadObjective:
         if epoch != self._cache_epoch:
             self.knn_cache.clear()
             self._cache_epoch = epoch
-        # Nearest-neighbour ranks need float32: keep autocast's bfloat16 out of synthesis.
-        with torch.autocast(device_type=self.device.type, enabled=False):
+        # Nearest-neighbour ranks need float32: keep autocast's bfloat16 (and the CPU's
+        # bfloat16 product inputs) out of synthesis.
+        with torch.autocast(device_type=self.device.type, enabled=False), \
+                cpu_matmul_precision(bf16=False):
             result = synthesize(self.queues.banks, self.config.synthesis,
                                 ready=self.queues.ready, generator=self.generator,
                                 knn_cache=self.knn_cache)
@@ -165,7 +171,7 @@ class HeadObjective:
         epoch : int
             Current epoch (0-based), compared with ``start_epoch``.
         """
-        h = self.model.project(z)
+        h = self._project(z)
         logits = self.model.classifier(h)
         id_loss = self._id_loss(h, logits, y)
         loss = id_loss
@@ -183,7 +189,7 @@ class HeadObjective:
         elif self.offline is not None and epoch >= self.config.start_epoch:
             # Offline outliers live in the frozen input space: project them like ID rows.
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.detach_head):
-                out_h = self.model.project(self.offline.draw(self.generator))
+                out_h = self._project(self.offline.draw(self.generator))
             out_loss = self._outlier_loss(h, out_h)
         if out_loss is not None:
             loss = loss + self.config.ood_weight * out_loss
@@ -192,10 +198,15 @@ class HeadObjective:
         return StepOutput(loss, id_loss.detach(), None if out_loss is None else out_loss.detach(),
                           correct, synthesized)
 
+    def _project(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self._frozen_identity else self.model.project(z)
+
     def _outlier_loss(self, h: torch.Tensor, outliers_h: torch.Tensor) -> torch.Tensor:
         """The head's BCE: ID rows ``h`` (detached with ``detach_head``) up, outliers down."""
         id_in = h.detach().float() if self.config.detach_head else h
-        return outlier_loss(self.model.head(id_in).float(), self.model.head(outliers_h).float())
+        # One head call over both: one product against the head's weights, not two.
+        logits = self.model.head(torch.cat([id_in.float(), outliers_h.float()])).float()
+        return outlier_loss(logits[:id_in.shape[0]], logits[id_in.shape[0]:])
 
     # ------------------------------------------------------------------ resumable state
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -35,6 +35,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from npos import __version__
+from npos.device import cpu_matmul_precision
 from npos.errors import NposError
 from npos.train_head.checkpoint import CheckpointError, read_checkpoint_dir
 from npos.train_head.config import HeadConfig
@@ -90,7 +91,8 @@ def run_epoch(objective: HeadObjective, batches: Iterable[tuple[torch.Tensor, to
     first_step : int
         Global index of this epoch's first step.
     amp : bool
-        bfloat16 autocast on CUDA.
+        bfloat16 autocast on CUDA; on the CPU, bfloat16 product inputs
+        (:func:`~npos.device.cpu_matmul_precision`) for the step's forward and backward.
     progress : tqdm or None
         A bar to advance and annotate with ID loss, outlier loss and accuracy.
     """
@@ -102,12 +104,14 @@ def run_epoch(objective: HeadObjective, batches: Iterable[tuple[torch.Tensor, to
         factor = lr_at(first_step + i)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = objective(z, y, epoch=epoch)
-        if out.loss.requires_grad:  # else nothing trains yet (id_loss none before synthesis)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
+        with cpu_matmul_precision(bf16=amp and device.type == "cpu"):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                                enabled=use_amp):
+                out = objective(z, y, epoch=epoch)
+            if out.loss.requires_grad:  # else nothing trains yet (id_loss none, no synthesis)
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                optimizer.step()
         sums[0] += out.id_loss
         sums[2] += out.correct
         sums[3] += y.shape[0]
@@ -139,7 +143,12 @@ def make_optimizer(groups: list[dict[str, Any]], config: HeadConfig) -> torch.op
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    # The fused kernel updates every tensor in one pass: ~5x less optimizer time than the
+    # default per-tensor loop on a CPU (1600 x 512 RBF centres: 0.8 vs 4.4 ms per step).
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay,
+                             fused=fused or None)
 
 
 # ---------------------------------------------------------------------- run records

@@ -126,3 +126,14 @@ def test_cosine_classifier_stays_float32_under_autocast():
         direct = model.classifier(z)
     assert logits.dtype == torch.float32 and direct.dtype == torch.float32
     torch.testing.assert_close(direct, reference, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_projection_is_identity_at_init_and_not_after_a_change(kind):
+    projection = Projection(6, kind)
+    assert projection.is_identity()
+    z = torch.randn(4, 6)
+    assert torch.equal(projection(z), z)
+    with torch.no_grad():
+        (projection.linear.bias if kind == "linear" else projection.fc2.weight)[0] += 1e-6
+    assert not projection.is_identity()
