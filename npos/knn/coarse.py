@@ -5,7 +5,7 @@ Why: at 1,000,000 x 512 rows and 4,096 lists these two were 150 of a 225 s build
 2-core CPU (faiss k-means 93 s, list assignment in ``add`` 54-70 s, both float32 BLAS whose
 OpenMP threads slowed 1.5-3x whenever another job shared the cores). The products here run
 in bfloat16 (AMX/AVX512-BF16 where the CPU has them, ~6x float32 measured on the build box),
-one single-threaded worker per row block (:func:`~npos.knn.store_index_lists.one_torch_thread`):
+one single-threaded worker per row block (:func:`~npos.knn.kth.one_torch_thread`):
 
 * :func:`assign` is **exact** (float32) nevertheless: the bfloat16 scores only shortlist
   :data:`SHORTLIST` centroids per row, which are rescored in float32; a row's list is its
@@ -19,8 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from npos.knn.kth import thread_pool
-from npos.knn.store_index_lists import one_torch_thread
+from npos.knn.kth import one_torch_thread, thread_pool
 
 #: Centroids per row rescored in float32 after the bfloat16 product.
 SHORTLIST = 4

@@ -26,15 +26,14 @@ similarity block is held, the queries of a long list split to fit ``memory_budge
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 
-from npos.knn.kth import (DEFAULT_MEMORY_BUDGET, kth_largest_, similarity_to_distance,
-                          thread_pool)
+from npos.knn.kth import (DEFAULT_MEMORY_BUDGET, kth_largest_, one_torch_thread,
+                          similarity_to_distance, thread_pool)
 
 
 class ListLayout:
@@ -138,21 +137,6 @@ def _blocks_of(layout: ListLayout, i: int, probe: np.ndarray, memory_budget: int
     columns = int(layout.sizes[probe].sum())
     step = max(1, memory_budget // max(1, 8 * columns))
     return ((s, min(int(layout.sizes[i]), s + step)) for s in range(0, int(layout.sizes[i]), step))
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """torch's intra-op threads set to 1 for the block (restored after), so that the
-    caller's own threads each run one single-threaded product. Why: on a shared CPU, two
-    intra-op threads waiting for each other at every small product ran 15x slower than one
-    (measured: a 200 x 512 x 200 product, 1.0 ms on one thread, 14.9 ms on two, with
-    another job busy); and each list's result then never depends on the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _list_kth(layout: ListLayout, i: int, probe: np.ndarray, k: int,

@@ -53,9 +53,8 @@ import torch
 
 from npos.knn.index import KnnIndex
 from npos.knn.ivf import KnnCache
-from npos.knn.kth import (DEFAULT_MEMORY_BUDGET, kth_largest_, similarity_to_distance,
-                          thread_pool)
-from npos.knn.store_index_lists import one_torch_thread
+from npos.knn.kth import (DEFAULT_MEMORY_BUDGET, kth_largest_, one_torch_thread,
+                          similarity_to_distance, thread_pool)
 from npos.synthesize.bank_search import IndexedBank, MemoryBank
 from npos.synthesize.config import SynthesisConfig
 from npos.synthesize.engine import _finish, _perturb
@@ -227,7 +226,7 @@ def _one_source(center: torch.Tensor, near: torch.Tensor, j: int, cfg: Synthesis
 def _score_locally(bank, src, js, cfg, seed, key):
     """:func:`_score_sources` for a bank that scores candidates in their source's
     neighbourhood (:meth:`IndexedBank.neighbours`): one source per single-threaded
-    worker (:func:`~npos.knn.store_index_lists.one_torch_thread`), so each source's noise
+    worker (:func:`~npos.knn.kth.one_torch_thread`), so each source's noise
     stays in cache and no result depends on the thread count or the batch."""
     centers = bank.rows(src)
     workers = max(1, min(len(js), torch.get_num_threads()))
