@@ -22,7 +22,10 @@ def _done_chunks(url) -> int:
 @pytest.mark.slow
 def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, folder_factory, tiny, child,
                                                      same_store):
-    root = folder_factory(tmp_path / "data", per_class=8)  # 24 images, 12 chunks of 2
+    # 60 images, 30 chunks of 2: enough chunks that the kill lands between the first and the
+    # last even when the box is idle and the tiny encoder fast (24 images raced past it)
+    per_class = 20
+    root = folder_factory(tmp_path / "data", per_class=per_class)
     args = ["extract", str(root), "--model", "npos-tiny", "--dtype", "float32",
             "--chunk-rows", "2", "--batch-size", "2", "--workers", "1", "--tokens-layer", "1"]
     reference = extract_features(root, str(tmp_path / "ref"), chunk_rows=2, batch_size=2,
@@ -49,7 +52,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, folder_factory, t
     # The re-run (in this process, to save an interpreter start) does only what is missing.
     rerun = FeatureExtractor(chunk_rows=2, batch_size=2, tokens_layer=1, **tiny).run(
         root, killed_url)
-    assert rerun.stats_.rows == 24 - 2 * int(done.sum())
+    assert rerun.stats_.rows == 3 * per_class - 2 * int(done.sum())
     same_store(rerun.store_, reference)
 
 
