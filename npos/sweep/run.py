@@ -16,8 +16,9 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
@@ -100,34 +101,58 @@ def train_point(split: Split, point: Mapping[str, Any], seed: int, work: Path, *
     return head, seconds
 
 
+def outliers_key(config, seed: int, train: str) -> str:
+    """The id of the offline outliers a task trains on: its synthesis settings, ``queue``,
+    seed and training store (``DIR/outliers/<key>.zarr``)."""
+    return point_id({**config.synthesis.to_dict(), "queue": config.queue, "seed": seed,
+                     "train": train})
+
+
 def _offline_outliers(split: Split, config, seed: int, work: Path, device: str,
                       cache: Path | None) -> str:
     """The outliers store of ``config.synthesis``/``queue``/``seed``: from ``cache`` when an
     earlier run made it, else synthesized into ``work`` and moved into ``cache`` (a rename,
-    so a cached store is always complete; a concurrent run that lost the race keeps its
-    own identical copy)."""
+    so a cached store is always complete; one job at a time per store)."""
     from npos.store import FeatureStore
     from npos.synthesize.offline import OfflineSynthesis, synthesize_store, write_outliers
 
-    key = point_id({**config.synthesis.to_dict(), "queue": config.queue, "seed": seed,
-                    "train": split.train})
-    cached = cache / f"{key}.zarr" if cache is not None else None
-    if cached is not None and cached.exists():
-        return str(cached)
-    source = FeatureStore.open(split.train)
-    made = synthesize_store(source, config.synthesis, queue=config.queue, seed=seed,
-                            device=device)
-    assert isinstance(made, OfflineSynthesis)  # bank "sample", scope "class": the default
-    url = work / "outliers.zarr"
-    write_outliers(made, str(url), source=source).close()
-    if cached is None:
+    def synthesized() -> str:
+        source = FeatureStore.open(split.train)
+        made = synthesize_store(source, config.synthesis, queue=config.queue, seed=seed,
+                                device=device)
+        assert isinstance(made, OfflineSynthesis)  # bank "sample", scope "class": the default
+        url = work / "outliers.zarr"
+        write_outliers(made, str(url), source=source).close()
         return str(url)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(url, cached)
-    except OSError:  # another job cached the same outliers first
-        return str(url)
+
+    if cache is None:
+        return synthesized()
+    key = outliers_key(config, seed, split.train)
+    cached = cache / f"{key}.zarr"
+    cache.mkdir(parents=True, exist_ok=True)
+    # Parallel jobs that need the same outliers take turns: the second waits for the first's
+    # store instead of synthesizing it again (the kernel drops the lock of a killed job).
+    with _exclusive(cache / f".{key}.lock"):
+        if not cached.exists():
+            os.rename(synthesized(), cached)
     return str(cached)
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing) for the block, where the
+    platform has one."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: a race only costs a duplicate synthesis
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def evaluate_point(split: Split, scores: str, *, head: str | None, device: str) -> dict:
@@ -195,6 +220,8 @@ def run_tasks(plan: SweepPlan, *, progress: bool = False,
             pending.append((point, seed))
     if log and records:
         log(f"resuming: {len(records)} of {len(plan.tasks())} point runs already done")
+    if plan.jobs > 1:
+        pending = _synthesis_first(pending, plan.split.train)
     bar = tqdm(total=len(pending), desc="sweep", unit="point", disable=not progress)
     kwargs = {"scores": plan.scores, "device": plan.device}
     if plan.jobs <= 1:
@@ -218,6 +245,21 @@ def run_tasks(plan: SweepPlan, *, progress: bool = False,
     if work.is_dir() and not any(work.iterdir()):
         work.rmdir()
     return [records[point_id(p), s] for p, s in plan.tasks()]
+
+
+def _synthesis_first(tasks: list[tuple[dict[str, Any], int]],
+                     train: str) -> list[tuple[dict[str, Any], int]]:
+    """``tasks`` with the first task of each offline outliers store ahead of the tasks that
+    reuse it: parallel jobs then rarely wait for each other's synthesis."""
+    seen: set[str] = set()
+    first: list[tuple[dict[str, Any], int]] = []
+    reusing: list[tuple[dict[str, Any], int]] = []
+    for point, seed in tasks:
+        key = outliers_key(head_config(point, seed), seed, train) if offline(point) else None
+        (reusing if key in seen else first).append((point, seed))
+        if key is not None:
+            seen.add(key)
+    return first + reusing
 
 
 def run_baselines(plan: SweepPlan) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from npos.train_head.config import HEADS, PROJECTIONS
-from npos.train_head.rbf import rbf_logsumexp
+from npos.train_head.rbf import RbfWorkspace, rbf_logsumexp
 
 
 class Projection(nn.Module):
@@ -139,6 +139,7 @@ class RbfHead(nn.Module):
         self.centres = nn.Parameter(torch.zeros(num_classes * centres_per_class, dim))
         self.log_width = nn.Parameter(torch.zeros(()))
         self.bias = nn.Parameter(torch.zeros(()))
+        self.workspace = RbfWorkspace()  # the training step's (N, M) matrix, reused
 
     @torch.no_grad()
     def init_from_data(self, h: torch.Tensor, y: torch.Tensor, *,
@@ -177,7 +178,8 @@ class RbfHead(nn.Module):
         # CPU's --amp rounds only the product's inputs: float32 results, ~2e-4 off.)
         with torch.autocast(device_type=h.device.type, enabled=False):
             hn = F.normalize(h.float(), dim=-1)
-            return rbf_logsumexp(hn, self.centres.float(), self.log_width) + self.bias
+            return rbf_logsumexp(hn, self.centres.float(), self.log_width,
+                                 workspace=self.workspace) + self.bias
 
 
 class HeadModel(nn.Module):

@@ -134,3 +134,59 @@ def test_holdout_classes_split_the_training_cache(world, small, tmp_path):
     assert len(doc["rows"]) == 2 + 1 + 1  # two ood-weights, the ablation, frozen knn
     # the two points differ only in ood-weight: one outliers store serves both
     assert len(list((out / "outliers").glob("*.zarr"))) == 1
+
+
+def _point(**changes):
+    """A full train-head point (the command's defaults, the small settings, ``changes``)."""
+    from npos.commands.train_head import command as train_head_command
+    from npos.sweep.grid import build_grid
+
+    fixed = {p.name: p.default for p in train_head_command.params if p.name}
+    fixed.update(id_loss="none", queue=50, k=10, select=20, pick=2, candidates=20, keep=2,
+                 epochs=2, **changes)
+    return build_grid("", train_head_command, fixed).points[0]
+
+
+def test_parallel_jobs_synthesize_shared_outliers_once(world, tmp_path, monkeypatch):
+    import threading
+
+    import npos.synthesize.offline as offline_module
+    from npos.sweep.holdout import Split
+    from npos.sweep.run import _offline_outliers, head_config
+
+    calls = []
+    real = offline_module.synthesize_store
+
+    def slow(*args, **kwargs):
+        calls.append(threading.get_ident())
+        time.sleep(0.3)  # both jobs are inside at once unless one waits
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(offline_module, "synthesize_store", slow)
+    split = Split(world["train"], world["test"], {})
+    config = head_config(_point(ood_weight=0.1), 0)
+    urls = []
+
+    def job(i):
+        work = tmp_path / f"work{i}"
+        work.mkdir()
+        urls.append(_offline_outliers(split, config, 0, work, "cpu", tmp_path / "outliers"))
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(urls)) == 1
+    assert FeatureStore.open(urls[0]).n_rows > 0
+
+
+def test_parallel_runs_put_each_synthesis_ahead_of_its_reuses():
+    from npos.sweep.run import _synthesis_first
+
+    a, b = _point(ood_weight=0.05), _point(ood_weight=0.1)  # same outliers
+    c = _point(ood_weight=0.1, sigma=0.5)                    # other outliers
+    ablation = _point(ood_weight=0.0)                        # no outliers
+    tasks = [(a, 0), (a, 1), (b, 0), (b, 1), (c, 0), (ablation, 0)]
+    ordered = _synthesis_first(tasks, "train.zarr")
+    assert ordered == [(a, 0), (a, 1), (c, 0), (ablation, 0), (b, 0), (b, 1)]

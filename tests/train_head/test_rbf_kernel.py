@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from npos.train_head.rbf import rbf_logsumexp
+from npos.train_head.rbf import RbfWorkspace, rbf_logsumexp
 
 
 def reference(x, centres, log_width):
@@ -23,12 +23,15 @@ def _inputs(dtype, *, requires_grad=(True, True, True)):
     return [t.clone().requires_grad_(r) for t, r in zip((x, centres, log_width), requires_grad)]
 
 
-@pytest.mark.parametrize("needs", [(True, True, True), (False, True, True), (True, False, False)])
-def test_values_and_gradients_equal_autograd_in_float64(needs):
+@pytest.mark.parametrize("workspace", [False, True])
+@pytest.mark.parametrize("needs", [(True, True, True), (False, True, True), (True, False, False),
+                                   (False, False, True), (True, False, True)])
+def test_values_and_gradients_equal_autograd_in_float64(needs, workspace):
     ours, ref = _inputs(torch.float64, requires_grad=needs), _inputs(torch.float64,
                                                                      requires_grad=needs)
     weights = torch.linspace(-1, 2, 37, dtype=torch.float64)
-    out, expected = rbf_logsumexp(*ours), reference(*ref)
+    out = rbf_logsumexp(*ours, workspace=RbfWorkspace() if workspace else None)
+    expected = reference(*ref)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     (out * weights).sum().backward()
     (expected * weights).sum().backward()
@@ -76,3 +79,70 @@ def test_far_points_whose_exponents_underflow_keep_the_reference_values():
         # on the plain expression also gets (measured 1e-5 of the largest, both)
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=0,
                                    atol=2e-5 * b.grad.abs().max().item())
+
+
+def _grads(x, centres, log_width, workspace, weights):
+    for t in (x, centres, log_width):
+        t.grad = None
+    (rbf_logsumexp(x, centres, log_width, workspace=workspace) * weights).sum().backward()
+    return [t.grad.clone() for t in (x, centres, log_width)]
+
+
+def test_workspace_matrix_is_reused_across_steps_and_not_shared_by_live_graphs():
+    x, centres, log_width = _inputs(torch.float64)
+    weights = torch.linspace(-1, 2, 37, dtype=torch.float64)
+    expected = _grads(x, centres, log_width, None, weights)
+    workspace = RbfWorkspace()
+    for _ in range(3):  # training steps: forward, backward, forward, ...
+        for got, want in zip(_grads(x, centres, log_width, workspace, weights), expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    matrix = workspace._flat
+    assert matrix is not None and matrix.numel() == 37 * 23
+    # a smaller batch (an epoch's last) reuses the same memory
+    _grads(x[:10].detach().requires_grad_(), centres, log_width, workspace, weights[:10])
+    assert workspace._flat is matrix
+    # two graphs alive at once: the second gets its own matrix, both gradients are right
+    for t in (x, centres, log_width):
+        t.grad = None
+    first = rbf_logsumexp(x, centres, log_width, workspace=workspace)
+    second = rbf_logsumexp(x, centres, log_width, workspace=workspace)
+    (second * weights).sum().backward()
+    from_second = [t.grad.clone() for t in (x, centres, log_width)]
+    for t in (x, centres, log_width):
+        t.grad = None
+    (first * weights).sum().backward()
+    for got, want in zip([t.grad for t in (x, centres, log_width)], expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(from_second, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_workspace_is_free_again_when_a_graph_is_dropped_without_backward():
+    x, centres, log_width = _inputs(torch.float64)
+    workspace = RbfWorkspace()
+    out = rbf_logsumexp(x, centres, log_width, workspace=workspace)
+    lent = workspace._flat
+    del out  # e.g. a step that raised before its backward
+    again = rbf_logsumexp(x, centres, log_width, workspace=workspace)
+    assert workspace._flat is lent and again.grad_fn is not None
+
+
+def test_second_backward_through_a_workspace_graph_is_refused():
+    x, centres, log_width = _inputs(torch.float64)
+    out = rbf_logsumexp(x, centres, log_width, workspace=RbfWorkspace()).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        out.backward()
+
+
+def test_head_copies_start_with_their_own_workspace():
+    import copy
+
+    from npos.train_head.model import RbfHead
+
+    head = RbfHead(16, 2, centres_per_class=3)
+    x = torch.randn(5, 16)
+    alive = head(x)  # the workspace is lent to this graph
+    clone = copy.deepcopy(head)
+    assert clone.workspace is not head.workspace and clone.workspace._flat is None
+    torch.testing.assert_close(clone(x), alive)
