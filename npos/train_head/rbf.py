@@ -122,9 +122,8 @@ class _RbfLogsumexp(torch.autograd.Function):
         col = ga.sum(0)
         if needs_width:
             # da/dlog_width = -2a = f·d², and Σ_ij ga_ij d²_ij from the products' results:
-            # Σ_i x²_i grad_i + Σ_j μ²_j col_j - 2 Σ_ij ga_ij x_i·μ_j, no (N, M) pass. In
-            # float32 under --amp: the terms cancel, and the bfloat16 setting also sends
-            # torch.dot down a 4x slower path.
+            # Σ_i x²_i grad_i + Σ_j μ²_j col_j - 2 Σ_ij ga_ij x_i·μ_j, no (N, M) pass. The
+            # CPU's --amp setting would send torch.dot down a 4x slower path (same values).
             with cpu_matmul_precision(bf16=False):
                 if by_centres is not None:
                     cross = torch.dot(centres.reshape(-1), by_centres.reshape(-1))
