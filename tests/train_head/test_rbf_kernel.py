@@ -173,3 +173,17 @@ def test_amp_gradients_stay_close_to_float64():
     # measured on an AMX CPU: 3.5e-3 and 2e-4 (plain float32 elsewhere: ~5e-7 and 6e-8)
     assert (got_centres - ref_centres).norm() / ref_centres.norm() < 1e-2
     assert abs(got_width - ref_width) / abs(ref_width) < 2e-3
+
+
+def test_rbf_head_benchmark_runs_and_reports_every_variant(capsys, monkeypatch):
+    import sys
+
+    from benchmarks import rbf_head
+
+    monkeypatch.setattr(sys, "argv", ["rbf_head", "--rows", "12", "--centres", "6", "--dim",
+                                      "8", "--rounds", "1", "--steps", "2", "--grad-x"])
+    rbf_head.main()
+    out = capsys.readouterr().out
+    for name in ("autograd", "kernel", "workspace"):
+        assert out.count(f"  {name} ") == 2  # float32 and --amp products
+    assert " 1.00x" in out and "rows with gradient" in out
